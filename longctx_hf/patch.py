@@ -1,0 +1,128 @@
+"""The one generic patcher: finds the rotary module(s) of any transformers RoPE decoder and extends them.
+
+Strategy: compute the new config (pure, validated), build a fresh rotary module of the model's own class from
+a copy of that config (exactly what `from_pretrained` will build on reload), check its frequencies against the
+paper formula, and only then write config and buffers. Reload is therefore bit-identical by construction.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from . import hf_config, methods
+from .hf_config import ContextInfo
+
+FORMULA_RTOL = 2e-6  # transformers computes in float32; the paper formula here in float64
+
+
+def _rotary_modules(model):
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    found = [m for _, m in model.named_modules()
+             if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and isinstance(getattr(m, "config", None),
+                                                                                       PreTrainedConfig)]
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no rotary embedding (RoPE), so methods {', '.join(methods.METHODS)} do not "
+            "apply; supported are decoders whose rotary_emb is built from config.rope_parameters "
+            "(Llama, Mistral, Qwen2/3, Gemma, Phi3, OLMo, Granite, Cohere, StableLM, GPT-NeoX, ...)"
+        )
+    configs = {id(m.config) for m in found}
+    if len(configs) != 1:
+        raise ValueError("this model has rotary modules built from different configs; longctx_hf refuses it")
+    return found, found[0].config
+
+
+def _check_factor(factor, target_length, pretrained_length):
+    if (factor is None) == (target_length is None):
+        raise ValueError("give exactly one of factor (> 1, relative to the pretrained context) or target_length")
+    if target_length is not None:
+        if isinstance(target_length, bool) or not isinstance(target_length, int):
+            raise TypeError(f"target_length must be an int, got {type(target_length).__name__} {target_length!r}")
+        if target_length <= pretrained_length:
+            raise ValueError(f"target_length must exceed the pretrained length {pretrained_length}, got {target_length}")
+        return target_length / pretrained_length
+    return factor
+
+
+def _fresh_rotary(rotary, config, device):
+    """A rotary module of the model's own class built from `config`, as from_pretrained would build it."""
+    build_device = torch.device("cpu") if device.type == "meta" else device
+    with torch.device(build_device):
+        return type(rotary)(config)
+
+
+def extend_context(model, method, factor=None, *, target_length=None, original_max_position_embeddings=None,
+                   **options):
+    """Extend a loaded transformers model's context in place (returns the same model).
+
+    `factor` is relative to the pretrained length (or give `target_length`). Re-extending replaces the previous
+    extension. Everything is validated before the model is touched.
+    """
+    rotaries, config = _rotary_modules(model)
+    module = methods.get_method(method)
+    current = config.to_dict()
+    pretrained = hf_config.pretrained_rope(current, original_max_position_embeddings)
+    factor = _check_factor(factor, target_length, pretrained.max_position_embeddings)
+    spec = methods.build_spec(module, factor=factor, rope_theta=pretrained.rope_theta,
+                              rotary_dim=2 * rotaries[0].inv_freq.numel(),
+                              original_max_position_embeddings=pretrained.max_position_embeddings, options=options)
+    changes = hf_config.config_changes(current, module, spec, pretrained)
+
+    new_config = copy.deepcopy(config)
+    hf_config.apply_to_config(new_config, changes)
+    device = rotaries[0].inv_freq.device
+    try:
+        fresh = _fresh_rotary(rotaries[0], new_config, device)
+    except Exception as err:  # a rotary class whose constructor does not take its config alone
+        raise ValueError(f"cannot rebuild {type(rotaries[0]).__name__} from its config ({err}); "
+                         "this model does not follow the standard transformers RoPE layout") from err
+    _check_against_formula(module, spec, fresh)
+
+    hf_config.apply_to_config(config, changes)
+    for rotary in rotaries:
+        _install(rotary, fresh, device)
+    return model
+
+
+def _check_against_formula(module, spec, fresh):
+    expected, scaling = module.frequencies(spec)
+    got = fresh.inv_freq.detach().to("cpu", torch.float64)
+    rel = ((got - expected.double()).abs() / expected.double()).max().item()
+    fresh_scaling = float(getattr(fresh, "attention_scaling", 1.0))
+    if rel > FORMULA_RTOL or not math.isclose(fresh_scaling, scaling, rel_tol=1e-9):
+        raise RuntimeError(
+            f"transformers builds {module.NAME} frequencies that differ from the paper formula "
+            f"(max relative error {rel:.2e}, attention scaling {fresh_scaling} vs {scaling}); refusing to patch"
+        )
+
+
+def _install(rotary, fresh, device):
+    """Copy the fresh module's buffers and plain attributes into the live one (keeps hooks and identity)."""
+    for name, buffer in fresh.named_buffers(recurse=False):
+        rotary._buffers[name] = buffer.to(device)  # stays float32 whatever the model dtype
+    for name, value in vars(fresh).items():
+        if not name.startswith("_") and name not in ("training", "config"):
+            setattr(rotary, name, value)
+    for name in [n for n, v in vars(rotary).items() if not n.startswith("_") and n not in vars(fresh)
+                 and n not in ("training", "config") and not callable(v)]:
+        delattr(rotary, name)  # lazily cached state of the previous rope type (e.g. long_inv_freq)
+
+
+def context_info(model_or_config) -> ContextInfo:
+    """What a model (or config / config dict) now is: method, factor, lengths, attention scaling, portability."""
+    if isinstance(model_or_config, dict):
+        return hf_config.describe(model_or_config)
+    from transformers import PreTrainedConfig
+
+    if isinstance(model_or_config, PreTrainedConfig):
+        return hf_config.describe(model_or_config.to_dict())
+    rotaries, config = _rotary_modules(model_or_config)
+    info = hf_config.describe(config.to_dict())
+    scaling = float(getattr(rotaries[0], "attention_scaling", 1.0))
+    return ContextInfo(info.method, info.factor, info.pretrained_length, info.extended_length, scaling,
+                       info.rope_theta, info.options, info.loads_with_plain_transformers, info.warnings)
