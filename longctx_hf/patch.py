@@ -23,8 +23,8 @@ def _rotary_modules(model):
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     found = [m for _, m in model.named_modules()
-             if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and isinstance(getattr(m, "config", None),
-                                                                                       PreTrainedConfig)]
+             if any(name.endswith("inv_freq") for name, _ in m.named_buffers(recurse=False))
+             and isinstance(getattr(m, "config", None), PreTrainedConfig)]
     if not found:
         raise ValueError(
             f"{type(model).__name__} has no rotary embedding (RoPE), so methods {', '.join(methods.METHODS)} do not "
