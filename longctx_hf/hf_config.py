@@ -98,6 +98,9 @@ def config_changes(config: dict, method, spec, pretrained: Pretrained) -> dict:
             "options": spec.options(),
         },
     }
+    if "head_dim" in config and config["head_dim"] is None and config.get("num_attention_heads"):
+        # transformers' yarn/dynamic read `getattr(config, "head_dim", default)`, which an explicit None defeats.
+        changes["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
     if "original_max_position_embeddings" in config:
         # Phi3-style configs: transformers 5 gives this top-level key priority over rope_parameters.
         changes["original_max_position_embeddings"] = pretrained.max_position_embeddings

@@ -74,7 +74,10 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
     changes = hf_config.config_changes(current, module, spec, pretrained)
 
     new_config = copy.deepcopy(config)
-    hf_config.apply_to_config(new_config, changes)
+    try:
+        hf_config.apply_to_config(new_config, changes)
+    except Exception as err:  # e.g. Phi3Config only admits rope_type 'longrope'
+        raise ValueError(f"{type(config).__name__} rejects rope_type {module.HF_ROPE_TYPE!r}: {err}") from err
     device = rotaries[0].inv_freq.device
     try:
         fresh = _fresh_rotary(rotaries[0], new_config, device)

@@ -1,0 +1,96 @@
+"""save_pretrained, then a fresh process that never imports longctx_hf reloads with plain transformers."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from longctx_hf import extend_context
+from models import tiny_model
+
+# Phi3 is absent: its config class only admits rope_type 'longrope', and extend_context refuses it clearly.
+ARCHITECTURES = {
+    "llama": {}, "mistral": {}, "mixtral": {}, "qwen2": {}, "qwen2_moe": {}, "qwen3": {}, "qwen3_moe": {},
+    "gemma": {"head_dim": 16}, "gemma2": {"head_dim": 16}, "olmo": {}, "olmo2": {}, "granite": {},
+    "granitemoe": {}, "cohere": {}, "stablelm": {}, "gpt_neox": {}, "smollm3": {}, "starcoder2": {},
+    "helium": {"head_dim": 16}, "phi": {}, "persimmon": {}, "nemotron": {}, "falcon": {}, "jetmoe": {},
+}
+
+RELOAD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+results = {}
+for folder in json.loads(sys.argv[1]):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    data = torch.load(folder + "/expected.pt")
+    with torch.no_grad():
+        logits = model(data["ids"]).logits
+    results[folder] = torch.equal(logits, data["logits"])
+assert not any(name.startswith("longctx_hf") for name in sys.modules), "longctx_hf was imported"
+print(json.dumps(results))
+"""
+
+
+def save_with_expected(model, folder, length):
+    ids = torch.randint(0, model.config.vocab_size, (1, length))
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(folder)
+    torch.save({"ids": ids, "logits": logits}, f"{folder}/expected.pt")
+
+
+def reload_in_fresh_process(folders):
+    out = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(folders)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rotary_reference(model, positions):
+    """cos/sin straight from the paper formula: cos(p * inv_freq) * mscale, for the rotary half-dims."""
+    from longctx_hf import methods
+    from longctx_hf.hf_config import RECORD_KEY
+
+    record = model.config.to_dict()[RECORD_KEY]
+    module = methods.get_method(record["method"])
+    rotary = [m for m in model.modules() if hasattr(m, "inv_freq")][0]
+    spec = module.Spec(factor=record["factor"], rope_theta=record["original_rope_theta"],
+                       rotary_dim=2 * rotary.inv_freq.numel(),
+                       original_max_position_embeddings=record["original_max_position_embeddings"])
+    inv, scale = module.frequencies(spec)
+    angles = positions.double()[:, None] * inv.double()[None, :]
+    return torch.cos(angles) * scale, torch.sin(angles) * scale, rotary
+
+
+@pytest.mark.parametrize("method", ["pi", "ntk", "dynamic_ntk", "yarn"])
+def test_llama_mistral_roundtrip_every_method(tmp_path, method):
+    folders = []
+    for kind in ("llama", "mistral"):
+        model = extend_context(tiny_model(kind), method, 4)
+        folder = str(tmp_path / kind)
+        save_with_expected(model, folder, 700)  # 700 > 256 pretrained: dynamic scaling is active
+        folders.append(folder)
+    results = reload_in_fresh_process(folders)
+    assert all(results.values()), results
+
+
+def test_architectures(tmp_path):
+    """At least 15 standard RoPE decoders: rotary output equals the paper formula, reload equals in-memory."""
+    folders = []
+    for kind, extra in ARCHITECTURES.items():
+        model = extend_context(tiny_model(kind, **extra), "yarn", 4)
+        positions = torch.arange(0, 1024, 7)
+        cos_ref, sin_ref, rotary = rotary_reference(model, positions)
+        cos, sin = rotary(torch.zeros(1, len(positions), 8), positions[None])
+        half = rotary.inv_freq.numel()
+        # halves layout (Llama) or interleaved (Cohere); float32 angles at p~1000 have ulp ~6e-5
+        layouts = [lambda t: t[0, :, :half], lambda t: t[0, :, : 2 * half : 2]]
+        assert any(torch.allclose(pick(cos).double(), cos_ref, atol=3e-4)
+                   and torch.allclose(pick(sin).double(), sin_ref, atol=3e-4) for pick in layouts), kind
+        folder = str(tmp_path / kind)
+        save_with_expected(model, folder, 300)
+        folders.append(folder)
+    results = reload_in_fresh_process(folders)
+    assert len(results) >= 15
+    assert all(results.values()), results
