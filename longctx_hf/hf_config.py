@@ -149,17 +149,25 @@ class ContextInfo:
 RUNTIME_NAMES = {"default": "none", "linear": "pi", "dynamic": "dynamic_ntk", "yarn": "yarn"}
 
 
+def _temperature(method, factor, rope_theta, original_length, options) -> float:
+    """A method's attention scaling from config values alone (the rotary dim does not enter it)."""
+    if not hasattr(method, "attention_scaling"):
+        return 1.0
+    spec = method.Spec(factor=factor, rope_theta=rope_theta, rotary_dim=2,
+                       original_max_position_embeddings=original_length, **options)
+    return method.attention_scaling(spec)
+
+
 def describe(config: dict) -> ContextInfo:
     """What a config dict says the model is, plus warnings for readers that would see it differently."""
+    if not any(key in config for key in ("rope_parameters", "rope_scaling", "rope_theta")):
+        return ContextInfo("no-rope", 1.0, None, config.get("max_position_embeddings"), 1.0, None)
     try:
         rope = rope_parameters_of(config)
     except ValueError as err:
         return ContextInfo("per-layer-rope", 1.0, config.get("max_position_embeddings"), None, 1.0, None,
                            warnings=(str(err),))
-    if not rope and "rope_theta" not in config:
-        return ContextInfo("no-rope", 1.0, None, config.get("max_position_embeddings"), 1.0, None)
     record = config.get(RECORD_KEY)
-    mpe = config.get("max_position_embeddings")
     warnings = []
     if "rope_parameters" in config and "rope_theta" not in config:
         warnings.append("no top-level rope_theta: transformers 4.x would use 10000 instead of "
@@ -175,23 +183,17 @@ def describe(config: dict) -> ContextInfo:
                             "vLLM and llama.cpp multiply the two")
     if record:
         method = methods.get_method(record["method"])
-        spec = method.Spec(factor=record["factor"], rope_theta=record["original_rope_theta"], rotary_dim=64,
-                           original_max_position_embeddings=record["original_max_position_embeddings"],
-                           **record.get("options", {}))
-        scaling = method.attention_scaling(spec) if hasattr(method, "attention_scaling") else 1.0
-        return ContextInfo(method.NAME, spec.factor, spec.original_max_position_embeddings, spec.extended_length,
-                           scaling, spec.rope_theta, dict(record.get("options", {})),
-                           rope["rope_type"] in RUNTIME_NAMES, tuple(warnings))
-    factor = float(rope.get("factor", 1.0))
-    original = rope.get("original_max_position_embeddings", mpe)
-    scaling = 1.0
-    if rope["rope_type"] == "yarn":
-        spec = methods.yarn.Spec(factor=factor, rope_theta=rope["rope_theta"], rotary_dim=64,
-                                 original_max_position_embeddings=original,
-                                 **{k: rope[k] for k in ("beta_fast", "beta_slow", "attention_factor", "mscale",
-                                                         "mscale_all_dim") if rope.get(k) is not None})
-        scaling = methods.yarn.attention_scaling(spec)
+        factor, theta = float(record["factor"]), float(record["original_rope_theta"])
+        original, options = record["original_max_position_embeddings"], dict(record.get("options", {}))
+    else:
+        method = methods.METHODS.get(RUNTIME_NAMES.get(rope["rope_type"], ""))
+        factor, theta = float(rope.get("factor", 1.0)), rope.get("rope_theta")
+        original = rope.get("original_max_position_embeddings", config.get("max_position_embeddings"))
+        options = {k: rope[k] for k in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim")
+                   if rope.get(k) is not None} if rope["rope_type"] == "yarn" else {}
+    scaling = _temperature(method, factor, theta, original, options) if method and factor > 1 else 1.0
     extended = int(round(original * factor)) if original else None
-    return ContextInfo(RUNTIME_NAMES.get(rope["rope_type"], rope["rope_type"]), factor, original, extended, scaling,
-                       rope.get("rope_theta"), {}, rope["rope_type"] in RUNTIME_NAMES or rope["rope_type"] in
-                       ("llama3", "longrope"), tuple(warnings))
+    name = method.NAME if method else RUNTIME_NAMES.get(rope["rope_type"], rope["rope_type"])
+    plain = rope["rope_type"] in RUNTIME_NAMES or (not record and rope["rope_type"] in ("llama3", "longrope"))
+    return ContextInfo(name, factor, original, extended, scaling, theta, options if record else {}, plain,
+                       tuple(warnings))

@@ -51,3 +51,10 @@ def test_info_warns_about_v5_only_config(tmp_path):
 def test_info_missing_folder(tmp_path):
     out = run("info", str(tmp_path / "nope"))
     assert out.returncode == 2 and "no config.json" in out.stderr
+
+
+def test_info_on_a_model_without_rope(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 1024}))
+    out = run("info", str(tmp_path), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["method"] == "no-rope"
