@@ -48,3 +48,14 @@ def smollm2_path() -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+# Names that resolve to a model shipped offline (usable wherever a model path or Hub id is accepted).
+KNOWN_MODELS = {"smollm2": smollm2_path, "smollm2-135m": smollm2_path}
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local folder for `name_or_path`: a known offline name (e.g. "smollm2") is converted/cached; anything
+    else (a folder or a Hub repo id) is returned unchanged for `from_pretrained` to handle."""
+    builder = KNOWN_MODELS.get(str(name_or_path).lower())
+    return builder() if builder else str(name_or_path)
