@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["extend_context", "context_info", "ContextInfo", "METHODS"]
+__all__ = ["extend_context", "context_info", "ContextInfo", "METHODS", "extend_checkpoint", "push_to_hub"]
 
 
 def __getattr__(name):
@@ -11,6 +11,14 @@ def __getattr__(name):
         from . import patch
 
         return getattr(patch, name)
+    if name == "extend_checkpoint":
+        from .checkpoint import extend_checkpoint
+
+        return extend_checkpoint
+    if name == "push_to_hub":
+        from .hub import push_to_hub
+
+        return push_to_hub
     if name == "ContextInfo":
         from .hf_config import ContextInfo
 

@@ -10,9 +10,14 @@ from pathlib import Path
 
 def _info(args) -> int:
     from .hf_config import describe
+    from .model_card import looks_like_repo_id
 
     path = Path(args.path)
     config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file() and looks_like_repo_id(args.path):
+        from huggingface_hub import hf_hub_download
+
+        config_file = Path(hf_hub_download(args.path, "config.json"))  # only the config, never the weights
     if not config_file.is_file():
         print(f"error: no config.json at {path}", file=sys.stderr)
         return 2
@@ -45,13 +50,81 @@ def _methods(args) -> int:
     return 0
 
 
+def _option_value(text: str):
+    """A method option from the command line: a JSON number/bool/null when it parses as one, else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _extend(args) -> int:
+    from .checkpoint import extend_checkpoint
+    from .hf_config import describe
+
+    options = {name: value for name, value in vars(args).items() if name.startswith("option_") and value is not None}
+    options = {name[len("option_"):]: value for name, value in options.items()}
+    try:
+        dst = extend_checkpoint(args.src, args.output, args.method, args.factor, target_length=args.target_length,
+                                original_max_position_embeddings=args.original, overwrite=args.overwrite,
+                                in_place=args.in_place, eval_results=args.eval_results, link=not args.copy,
+                                **options)
+    except (ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    info = describe(json.loads((dst / "config.json").read_text()))
+    print(f"wrote {dst}: {info.method} x{info.factor:g}, {info.pretrained_length} -> {info.extended_length} tokens")
+    if args.push_to_hub:
+        return _push(argparse.Namespace(path=str(dst), repo_id=args.push_to_hub, private=args.private,
+                                        commit_message=None))
+    return 0
+
+
+def _push(args) -> int:
+    from .hub import push_to_hub
+
+    try:
+        commit = push_to_hub(args.path, args.repo_id, private=args.private, commit_message=args.commit_message)
+    except (ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"pushed {args.path} to {args.repo_id}: {commit.commit_url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+
     parser = argparse.ArgumentParser(prog="longctx-hf", description="Extend the context window of HF models.")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what a checkpoint's config says about its context (reads config.json only)")
-    info.add_argument("path", help="checkpoint folder or config.json")
+    info.add_argument("path", help="checkpoint folder, config.json, or Hub repo id (fetches only config.json)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(run=_info)
+    extend = sub.add_parser("extend", help="extend a checkpoint on disk without loading it (config + links)")
+    extend.add_argument("src", help="checkpoint folder or Hub repo id")
+    extend.add_argument("--method", required=True, help="pi, ntk, dynamic_ntk, yarn (see `longctx-hf methods`)")
+    size = extend.add_mutually_exclusive_group(required=True)
+    size.add_argument("--factor", type=float, help="extension factor relative to the pretrained length")
+    size.add_argument("--target-length", type=int, help="target context length in tokens")
+    extend.add_argument("--original", type=int, help="pretrained length, when the config does not say it")
+    extend.add_argument("--output", help="output folder (required unless --in-place)")
+    extend.add_argument("--in-place", action="store_true", help="rewrite SRC itself (config.json and README.md)")
+    extend.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    extend.add_argument("--copy", action="store_true", help="copy weight files instead of hard-linking them")
+    extend.add_argument("--eval-results", help="results.json from the evaluation, for the model card")
+    extend.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the output folder to this repo")
+    extend.add_argument("--private", action="store_true", help="create the Hub repo private")
+    for option in sorted({name for module in METHODS.values() for name in module.Spec.option_names()}):
+        extend.add_argument("--" + option.replace("_", "-"), dest="option_" + option, type=_option_value,
+                            help="method option (see `longctx-hf methods`)")
+    extend.set_defaults(run=_extend)
+    push = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face Hub")
+    push.add_argument("path", help="checkpoint folder")
+    push.add_argument("repo_id", help="owner/name")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--commit-message", help="commit message")
+    push.set_defaults(run=_push)
     listing = sub.add_parser("methods", help="list the extension methods and their options")
     listing.set_defaults(run=_methods)
     return parser

@@ -26,7 +26,7 @@ def rope_parameters_of(config: dict) -> dict:
     if rope is None:
         rope = dict(config.get("rope_scaling") or {})
         rope.setdefault("rope_type", rope.get("type", "default"))
-        rope.setdefault("rope_theta", config.get("rope_theta", DEFAULT_THETA))
+        rope.setdefault("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", DEFAULT_THETA)))
     else:
         rope = dict(rope)
     layer_types = set(config.get("layer_types") or ()) | {"full_attention", "sliding_attention"}
@@ -70,6 +70,49 @@ def pretrained_rope(config: dict, original_max_position_embeddings=None) -> Pret
     return Pretrained(rope_theta=float(theta), max_position_embeddings=length)
 
 
+# transformers' config-class defaults (configuration_*.py, "assign default for BC") for a config.json without one
+HEAD_DIM_KEYS = ("head_dim", "kv_channels", "attention_head_dim")  # config classes' attribute_map aliases
+PARTIAL_ROTARY_DEFAULTS = {"gpt_neox": 0.25, "stablelm": 0.25, "phi": 0.5, "persimmon": 0.5, "nemotron": 0.5}
+
+
+def rotary_dim_of(config: dict) -> int:
+    """The rotary dimension transformers builds for a config.json dict, without transformers.
+
+    head_dim (or hidden_size / num_attention_heads) times partial_rotary_factor, read from rope_parameters, the
+    4.x top-level key, GPT-NeoX's `rotary_pct`, or the config class default; rounded up to even like
+    `arange(0, dim, 2)`.
+    """
+    head_dim = next((config[key] for key in HEAD_DIM_KEYS if config.get(key)), None)
+    if not head_dim:
+        hidden = next((config[key] for key in ("hidden_size", "n_embd", "d_model") if config.get(key)), None)
+        heads = next((config[key] for key in ("num_attention_heads", "n_head", "num_heads") if config.get(key)), None)
+        if not hidden or not heads:
+            raise ValueError("config.json has neither head_dim nor hidden_size and num_attention_heads, so the rotary "
+                             "dimension is unknown; load the model and use extend_context instead")
+        head_dim = hidden // heads
+    partial = rope_parameters_of(config).get("partial_rotary_factor")
+    for key in ("partial_rotary_factor", "rotary_pct"):
+        if partial is None:
+            partial = config.get(key)
+    if partial is None:
+        partial = PARTIAL_ROTARY_DEFAULTS.get(config.get("model_type"), 1.0)
+    dim = int(head_dim * partial)
+    return 2 * ((dim + 1) // 2)
+
+
+def factor_from(factor, target_length, pretrained_length: int) -> float:
+    """The factor relative to the pretrained length, from exactly one of `factor` or `target_length`."""
+    if (factor is None) == (target_length is None):
+        raise ValueError("give exactly one of factor (> 1, relative to the pretrained context) or target_length")
+    if target_length is not None:
+        if isinstance(target_length, bool) or not isinstance(target_length, int):
+            raise TypeError(f"target_length must be an int, got {type(target_length).__name__} {target_length!r}")
+        if target_length <= pretrained_length:
+            raise ValueError(f"target_length must exceed the pretrained length {pretrained_length}, got {target_length}")
+        return target_length / pretrained_length
+    return factor
+
+
 def legacy_rope_scaling(rope_parameters: dict):
     """The transformers 4.x / vLLM / llama.cpp form of a rope config (`rope_scaling`, with `type` for old readers)."""
     if rope_parameters["rope_type"] == "default":
@@ -101,6 +144,9 @@ def config_changes(config: dict, method, spec, pretrained: Pretrained) -> dict:
     if "head_dim" in config and config["head_dim"] is None and config.get("num_attention_heads"):
         # transformers' yarn/dynamic read `getattr(config, "head_dim", default)`, which an explicit None defeats.
         changes["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    if "rotary_emb_base" in config:
+        # GPT-NeoX configs written by transformers 4.x: their reader takes the base from this key.
+        changes["rotary_emb_base"] = rope["rope_theta"]
     if "original_max_position_embeddings" in config:
         # Phi3-style configs: transformers 5 gives this top-level key priority over rope_parameters.
         changes["original_max_position_embeddings"] = pretrained.max_position_embeddings

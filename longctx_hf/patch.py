@@ -37,18 +37,6 @@ def _rotary_modules(model):
     return found, found[0].config
 
 
-def _check_factor(factor, target_length, pretrained_length):
-    if (factor is None) == (target_length is None):
-        raise ValueError("give exactly one of factor (> 1, relative to the pretrained context) or target_length")
-    if target_length is not None:
-        if isinstance(target_length, bool) or not isinstance(target_length, int):
-            raise TypeError(f"target_length must be an int, got {type(target_length).__name__} {target_length!r}")
-        if target_length <= pretrained_length:
-            raise ValueError(f"target_length must exceed the pretrained length {pretrained_length}, got {target_length}")
-        return target_length / pretrained_length
-    return factor
-
-
 def _fresh_rotary(rotary, config, device):
     """A rotary module of the model's own class built from `config`, as from_pretrained would build it."""
     build_device = torch.device("cpu") if device.type == "meta" else device
@@ -67,7 +55,7 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
     module = methods.get_method(method)
     current = config.to_dict()
     pretrained = hf_config.pretrained_rope(current, original_max_position_embeddings)
-    factor = _check_factor(factor, target_length, pretrained.max_position_embeddings)
+    factor = hf_config.factor_from(factor, target_length, pretrained.max_position_embeddings)
     spec = methods.build_spec(module, factor=factor, rope_theta=pretrained.rope_theta,
                               rotary_dim=2 * rotaries[0].inv_freq.numel(),
                               original_max_position_embeddings=pretrained.max_position_embeddings, options=options)

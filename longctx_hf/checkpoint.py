@@ -1,0 +1,171 @@
+"""Extend a checkpoint on disk without loading it: every method changes only config.json (and may add modeling
+code), never a weight, so a 140 GB checkpoint is extended in milliseconds.
+
+The new config comes from the same pure pieces `extend_context` uses (`hf_config`, `methods`), so it is the
+config.json that `extend_context` + `save_pretrained` would write. Weights are hard-linked (copied when linking
+fails). Everything is written into a temporary folder beside the destination and renamed at the end, so an
+interrupted run leaves no half checkpoint. Never imports torch or transformers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from . import hf_config, methods, model_card
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+REPLACED = ("config.json", "README.md")  # written anew into the destination, never copied from the source
+
+
+def extend_checkpoint(src, dst=None, method="yarn", factor=None, *, target_length=None,
+                      original_max_position_embeddings=None, overwrite=False, in_place=False, eval_results=None,
+                      link=True, **options) -> Path:
+    """Write `src` extended with `method` to `dst` (a folder) without loading a weight; returns `dst`.
+
+    `src` is a checkpoint folder or a Hub repo id (downloaded into huggingface_hub's cache). `in_place=True`
+    rewrites `src` itself (only config.json and README.md change). `eval_results` is a results.json path (see
+    RESULTS_SCHEMA) whose table and plots go into the model card. `link=False` copies weights instead of
+    hard-linking them. Everything is validated before a file is written.
+    """
+    module = methods.get_method(method)
+    src_dir, hub_id = resolve_source(src, allow_hub=not in_place)
+    dst_dir = _check_destination(src_dir, dst, overwrite=overwrite, in_place=in_place)
+    config = _read_config(src_dir)
+    pretrained = hf_config.pretrained_rope(config, original_max_position_embeddings)
+    factor = hf_config.factor_from(factor, target_length, pretrained.max_position_embeddings)
+    spec = methods.build_spec(module, factor=factor, rope_theta=pretrained.rope_theta,
+                              rotary_dim=hf_config.rotary_dim_of(config),
+                              original_max_position_embeddings=pretrained.max_position_embeddings, options=options)
+    new_config = hf_config.apply_to_dict(config, hf_config.config_changes(config, module, spec, pretrained))
+    remote_files = module.remote_code_files(spec) if hasattr(module, "remote_code_files") else {}
+    results, plots = model_card.load_eval_results(eval_results) if eval_results is not None else (None, {})
+    card = model_card.render(new_config, base_model=hub_id or model_card.repo_id_in(config),
+                             source_card=src_dir / "README.md", eval_results=results, plots=plots,
+                             remote_code=bool(remote_files))
+
+    files = {"config.json": json.dumps(new_config, indent=2, sort_keys=True) + "\n", "README.md": card,
+             **remote_files}
+    with _staging(dst_dir) as staging:
+        _link_tree(src_dir, staging, skip=set(files), link=link, link_everything=in_place)
+        for name, text in files.items():
+            (staging / name).write_text(text)
+        for name, path in plots.items():
+            shutil.copy2(path, staging / name)
+    return dst_dir
+
+
+def resolve_source(src, *, allow_hub=True) -> tuple[Path, str | None]:
+    """(local folder, Hub repo id or None): a local folder wins; otherwise `src` is fetched from the Hub."""
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"src must be a checkpoint folder or a Hub repo id, got {type(src).__name__} {src!r}")
+    path = Path(src)
+    if path.is_dir():
+        return path.resolve(), None
+    if path.exists() or not model_card.looks_like_repo_id(str(src)):
+        raise ValueError(f"src must be a checkpoint folder or a Hub repo id (owner/name); {str(src)!r} is neither")
+    if not allow_hub:
+        raise ValueError("in_place needs a local checkpoint folder, not a Hub repo id")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(src))), str(src)
+
+
+def _read_config(folder: Path) -> dict:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"src has no config.json: {folder}")
+    return json.loads(config_file.read_text())
+
+
+def _check_destination(src_dir: Path, dst, *, overwrite: bool, in_place: bool) -> Path:
+    """The destination folder, after refusing every combination that could overwrite or lose user files."""
+    if in_place:
+        if dst is not None and Path(dst).resolve() != src_dir:
+            raise ValueError("in_place=True rewrites src itself; leave dst empty (or equal to src)")
+        return src_dir
+    if dst is None:
+        raise ValueError("dst (the output folder) is required unless in_place=True")
+    dst_dir = Path(dst).resolve()
+    if dst_dir == src_dir:
+        raise ValueError("dst is src; pass in_place=True (CLI: --in-place) to rewrite the source checkpoint")
+    if src_dir in dst_dir.parents:
+        raise ValueError(f"dst must not be inside src ({dst_dir} is inside {src_dir})")
+    if dst_dir in src_dir.parents:
+        raise ValueError(f"dst must not contain src ({src_dir} is inside {dst_dir})")
+    if dst_dir.exists() and not dst_dir.is_dir():
+        raise ValueError(f"dst exists and is not a folder: {dst_dir}")
+    if dst_dir.is_dir() and any(dst_dir.iterdir()) and not overwrite:
+        raise ValueError(f"dst is not empty: {dst_dir}; pass overwrite=True (CLI: --overwrite) to replace it")
+    return dst_dir
+
+
+class _staging:
+    """A temporary folder beside `dst`, renamed onto it only when complete; removed on any error."""
+
+    def __init__(self, dst: Path):
+        self.dst = dst
+
+    def __enter__(self) -> Path:
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=self.dst.parent))
+        os.chmod(self.path, self.dst.stat().st_mode if self.dst.is_dir() else 0o777 & ~_umask())  # mkdtemp: 0700
+        return self.path
+
+    def __exit__(self, kind, error, traceback):
+        if kind is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return False
+        try:
+            _replace_folder(self.path, self.dst)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace_folder(new: Path, dst: Path) -> None:
+    """Rename `new` onto `dst`; an existing `dst` is moved aside first and deleted only once `new` is in place."""
+    if not dst.exists():
+        os.rename(new, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(dst, old)
+    try:
+        os.rename(new, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    shutil.rmtree(old)
+
+
+def _link_tree(src: Path, dst: Path, *, skip: set, link: bool, link_everything: bool = False) -> None:
+    """Hard-link weight files (copy if linking fails or link=False) and copy every other file, except `skip`.
+
+    Small files are copied so that editing the new tokenizer or generation config never edits the source's;
+    in place, everything is linked (the source folder's files simply stay).
+    """
+    for root, folders, names in os.walk(src):
+        folders[:] = [f for f in folders if f not in (".cache", ".git")]  # huggingface_hub / git bookkeeping
+        relative = Path(root).relative_to(src)
+        (dst / relative).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if relative == Path(".") and name in skip:
+                continue
+            source, target = Path(root) / name, dst / relative / name
+            if link and (link_everything or name.endswith(WEIGHT_SUFFIXES)):
+                try:
+                    os.link(source, target)  # follows symlinks (huggingface_hub's cache) to the real blob
+                    continue
+                except OSError:
+                    pass  # cross-device, or a filesystem without hard links
+            shutil.copy2(source, target)

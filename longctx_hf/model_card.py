@@ -1,0 +1,153 @@
+"""The model card (README.md) of an extended checkpoint: YAML front matter the Hub reads, and a body that says what
+was changed, how to load it, what to fine-tune, and what was measured.
+
+Written with PyYAML alone (huggingface_hub's ModelCard costs ~0.4 s of imports; the offline `extend` is ~0.1 s).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from . import hf_config
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+CONFIG_KEYS = ("max_position_embeddings", "rope_parameters", "rope_theta", "rope_scaling", "auto_map",
+               hf_config.RECORD_KEY)
+
+FINE_TUNING = {
+    "pi": "Fine-tune before use: Position Interpolation needs about 1000 steps at the target length (Chen et al. "
+          "2023); zero-shot it blurs nearby positions.",
+    "ntk": "Usable zero-shot. A short fine-tune at the target length helps but is optional.",
+    "dynamic_ntk": "Meant for zero-shot use: the base grows with the current length, so a fine-tune at one fixed "
+                   "length does not match it. Cached decoding past the pretrained length is not equal to a "
+                   "recompute in transformers (keys are cached after rotation, transformers #25104).",
+    "yarn": "Best zero-shot of the RoPE methods; about 400 fine-tuning steps at the target length reach it (Peng et "
+            "al. 2023). Keep the same YaRN config while fine-tuning.",
+}
+
+
+def looks_like_repo_id(text: str) -> bool:
+    return bool(REPO_ID.match(text)) and not Path(text).exists()
+
+
+def repo_id_in(config: dict) -> str | None:
+    """The Hub id a config says it came from (`_name_or_path`), when that is a repo id and not a local path."""
+    name = config.get("_name_or_path")
+    return name if isinstance(name, str) and looks_like_repo_id(name) else None
+
+
+def front_matter(card_file: Path) -> dict:
+    """The YAML metadata of an existing model card, or {} when there is none."""
+    if not card_file.is_file():
+        return {}
+    text = card_file.read_text(encoding="utf-8", errors="replace")
+    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
+    if not match:
+        return {}
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_eval_results(path) -> tuple[dict, dict]:
+    """(results, {plot file name: path}) from a results.json (RESULTS_SCHEMA), checked before anything is written."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"eval_results must be a results.json file; not found: {path}")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"eval_results {path} is not valid JSON: {err}") from err
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+        raise ValueError(f"eval_results {path} has no 'runs' list (see RESULTS_SCHEMA)")
+    plots = {}
+    for name in (results.get("plots") or {}).values():
+        plot = path.parent / name
+        if not plot.is_file():
+            raise ValueError(f"eval_results names a plot that does not exist: {plot}")
+        plots[plot.name] = plot
+    return results, plots
+
+
+def render(config: dict, *, base_model=None, source_card=None, eval_results=None, plots=None,
+           remote_code=False, name="path/or/repo-id") -> str:
+    """The full README.md text for an extended checkpoint whose (new) config dict is `config`."""
+    info = hf_config.describe(config)
+    source = front_matter(Path(source_card)) if source_card else {}
+    metadata = {"library_name": "transformers"}
+    if base_model:
+        metadata["base_model"] = base_model
+    if source.get("license"):
+        metadata["license"] = source["license"]
+        if source.get("license_name"):
+            metadata["license_name"] = source["license_name"]
+    metadata["tags"] = ["longctx-hf", info.method, "long-context"]
+    body = [_summary(info, base_model), _config_snippet(config), _how_to_load(name, remote_code),
+            "## Fine-tuning\n\n" + FINE_TUNING.get(info.method, "See the longctx-hf README for this method.")]
+    if eval_results:
+        body.append(_evaluation(eval_results, plots or {}))
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + "\n\n".join(body) + "\n"
+
+
+def _summary(info, base_model) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in info.options.items()) or "defaults"
+    origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "The source checkpoint"
+    lines = [
+        f"# {base_model.split('/')[-1] if base_model else 'Model'} with {info.method} ×{info.factor:g} context",
+        "",
+        f"{origin} with its context window extended by [longctx-hf](https://pypi.org/project/longctx-hf/). "
+        "Only the configuration changed: the weights are the source's, byte for byte.",
+        "",
+        f"- method: `{info.method}` (options: {options})",
+        f"- factor: {info.factor:g}",
+        f"- context: {info.pretrained_length} (pretrained) → {info.extended_length} (extended) tokens",
+        f"- attention scaling: {info.attention_scaling:.6g}",
+    ]
+    lines += [f"- warning: {warning}" for warning in info.warnings]
+    return "\n".join(lines)
+
+
+def _config_snippet(config: dict) -> str:
+    snippet = {key: config[key] for key in CONFIG_KEYS if key in config}
+    return "## Configuration\n\n```json\n" + json.dumps(snippet, indent=2, sort_keys=True) + "\n```"
+
+
+def _how_to_load(name: str, remote_code: bool) -> str:
+    extra = ", trust_remote_code=True" if remote_code else ""
+    note = ("This method needs the modeling code shipped in this repository, hence `trust_remote_code=True`."
+            if remote_code else "Plain transformers loads it; longctx-hf is not needed.")
+    return (f"## How to load\n\n{note}\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{name}"{extra})\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n```')
+
+
+def _evaluation(results: dict, plots: dict) -> str:
+    lines = ["## Evaluation", ""]
+    if results.get("text"):
+        lines += [f"Text: {results['text']}.", ""]
+    perplexity = [(run, row) for run in results["runs"] for row in run.get("perplexity", ())]
+    if perplexity:
+        lines += ["| method | factor | length | perplexity | baseline perplexity | tokens scored |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {run.get('method')} | {run.get('factor', '')} | {row.get('length')} | {_number(row.get('ppl'))} "
+                  f"| {_number(row.get('baseline_ppl'))} | {row.get('tokens_scored', '')} |" for run, row in perplexity]
+        if results.get("baseline"):
+            lines += ["", f"Baseline: {results['baseline']}."]
+        lines.append("")
+    passkey = [(run, row) for run in results["runs"] for row in run.get("passkey", ())]
+    if passkey:
+        lines += ["| method | factor | length | depth | correct / trials |", "|---|---|---|---|---|"]
+        lines += [f"| {run.get('method')} | {run.get('factor', '')} | {row.get('length')} | {row.get('depth')} "
+                  f"| {row.get('correct')} / {row.get('trials')} |" for run, row in passkey]
+        lines.append("")
+    lines += [f"![{Path(name).stem}]({name})" for name in plots]
+    return "\n".join(lines).rstrip()
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else ""
