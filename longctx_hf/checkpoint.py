@@ -164,7 +164,7 @@ def _link_tree(src: Path, dst: Path, *, skip: set, link: bool, link_everything: 
             source, target = Path(root) / name, dst / relative / name
             if link and (link_everything or name.endswith(WEIGHT_SUFFIXES)):
                 try:
-                    os.link(source, target)  # follows symlinks (huggingface_hub's cache) to the real blob
+                    os.link(source.resolve(), target)  # the real blob, not huggingface_hub's cache symlink
                     continue
                 except OSError:
                     pass  # cross-device, or a filesystem without hard links

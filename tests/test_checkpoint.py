@@ -1,0 +1,223 @@
+"""Offline `extend`: real checkpoint folders, the real CLI in a subprocess, fresh-process reloads."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from longctx_hf import extend_checkpoint, extend_context
+from longctx_hf.hf_config import PARTIAL_ROTARY_DEFAULTS, rotary_dim_of
+from models import tiny_model
+from test_cli import run
+from test_roundtrip import ARCHITECTURES, reload_in_fresh_process
+
+EXTRA_FILES = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": "{}", "chat_template.jinja": "{{x}}",
+               "original/params.json": '{"dim": 64}'}
+SOURCE_CARD = "---\nlicense: apache-2.0\nlanguage: en\n---\n# the source model card\n"
+
+
+def make_source(folder, kind="llama", **overrides):
+    """A checkpoint folder as users have them: two weight shards, tokenizer files, a card with a license."""
+    tiny_model(kind, **overrides).save_pretrained(folder, max_shard_size="100KB")
+    for name, text in EXTRA_FILES.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(text)
+    (folder / "README.md").write_text(SOURCE_CARD)
+    return folder
+
+
+def snapshot(folder):
+    """Every file's bytes, inode and mtime: what 'never modify SRC' means."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+CASES = [("llama", "yarn", {"beta_fast": 64}), ("llama", "ntk", {}), ("llama", "pi", {}),
+         ("llama", "dynamic_ntk", {}), ("mistral", "yarn", {"attention_factor": 1.3}), ("mistral", "ntk", {}),
+         ("gpt_neox", "ntk", {}), ("gpt_neox", "yarn", {}), ("phi", "dynamic_ntk", {})]
+
+
+def test_offline_config_is_what_extend_context_saves_and_reloads_identically(tmp_path):
+    """config.json byte-identical to extend_context + save_pretrained; fresh-process logits torch.equal."""
+    sources = {kind: make_source(tmp_path / f"src-{kind}", kind) for kind in {case[0] for case in CASES}}
+    folders = []
+    for kind, method, options in CASES:
+        offline = tmp_path / f"{kind}-{method}"
+        extend_checkpoint(sources[kind], offline, method, 4, **options)
+        model = extend_context(AutoModelForCausalLM.from_pretrained(sources[kind]).eval(), method, 4, **options)
+        model.save_pretrained(tmp_path / f"{kind}-{method}-in-memory")
+        assert (offline / "config.json").read_bytes() == (tmp_path / f"{kind}-{method}-in-memory/config.json").read_bytes()
+        ids = torch.randint(0, model.config.vocab_size, (1, 700))  # > 256 pretrained: dynamic scaling active
+        with torch.no_grad():
+            torch.save({"ids": ids, "logits": model(ids).logits}, offline / "expected.pt")
+        folders.append(str(offline))
+    results = reload_in_fresh_process(folders)
+    assert len(results) == len(CASES) and all(results.values()), results
+
+
+def test_rotary_dim_of_matches_transformers_for_every_architecture(tmp_path):
+    for kind, extra in ARCHITECTURES.items():
+        model = tiny_model(kind, **extra)
+        model.config.save_pretrained(tmp_path / kind)
+        config = json.loads((tmp_path / kind / "config.json").read_text())
+        rotary = [m for m in model.modules() if hasattr(m, "inv_freq")][0]
+        assert rotary_dim_of(config) == 2 * rotary.inv_freq.numel(), kind
+    for kind, partial in PARTIAL_ROTARY_DEFAULTS.items():  # the table equals the config classes' defaults
+        assert AutoConfig.for_model(kind).rope_parameters["partial_rotary_factor"] == partial, kind
+
+
+def test_rotary_dim_of_reads_transformers_4_config_forms():
+    """config.json written by transformers 4.x: top-level partial_rotary_factor, GPT-NeoX rotary_pct."""
+    legacy = [{"model_type": "phi", "hidden_size": 64, "num_attention_heads": 4, "partial_rotary_factor": 0.75,
+               "rope_theta": 10000.0},
+              {"model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 4, "rotary_pct": 0.5,
+               "rotary_emb_base": 10000},
+              {"model_type": "stablelm", "hidden_size": 64, "num_attention_heads": 4, "rope_theta": 10000.0}]
+    for config in legacy:
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**config, "num_hidden_layers": 1,
+                                                                         "intermediate_size": 64, "vocab_size": 32}))
+        rotary = [m for m in model.modules() if hasattr(m, "inv_freq")][0]
+        assert rotary_dim_of(config) == 2 * rotary.inv_freq.numel(), config["model_type"]
+
+
+def test_cli_extend_links_weights_copies_the_rest_without_torch(tmp_path):
+    src = make_source(tmp_path / "src")
+    before = snapshot(src)
+    out = run("extend", str(src), "--method", "yarn", "--target-length", "1024", "--beta-fast", "64",
+              "--output", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    assert "yarn x4, 256 -> 1024 tokens" in out.stdout
+    dst = tmp_path / "out"
+    assert snapshot(src) == before
+    weights = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(weights) >= 2  # sharded, plus the index
+    for name in weights:
+        assert (dst / name).stat().st_ino == (src / name).stat().st_ino  # hard link: no bytes copied
+    for name in [*EXTRA_FILES, "generation_config.json", "model.safetensors.index.json"]:
+        assert (dst / name).read_bytes() == (src / name).read_bytes(), name
+        assert (dst / name).stat().st_ino != (src / name).stat().st_ino, name  # a copy: editing it spares src
+    assert json.loads((dst / "config.json").read_text())["rope_parameters"]["beta_fast"] == 64
+    assert (dst / "README.md").read_text() != SOURCE_CARD
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staging folder left
+
+
+def test_copy_instead_of_link(tmp_path):
+    src = make_source(tmp_path / "src")
+    extend_checkpoint(src, tmp_path / "out", "pi", 2, link=False)
+    for weight in src.glob("*.safetensors"):
+        copied = tmp_path / "out" / weight.name
+        assert copied.stat().st_ino != weight.stat().st_ino and sha256(copied) == sha256(weight)
+
+
+def test_refusals_happen_before_any_file_is_written(tmp_path):
+    src = make_source(tmp_path / "src")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "mine.txt").write_text("user data")
+    before = snapshot(src), snapshot(occupied)
+    bad = [
+        (dict(dst=src), ValueError, "in_place"),
+        (dict(dst=occupied), ValueError, "overwrite"),
+        (dict(dst=src / "inside"), ValueError, "inside src"),
+        (dict(dst=tmp_path / "new", method="yarnn"), ValueError, "Did you mean 'yarn'"),
+        (dict(dst=tmp_path / "new", factor=0.5), ValueError, "factor must be > 1"),
+        (dict(dst=tmp_path / "new", factor=None, target_length=100), ValueError, "target_length must exceed"),
+        (dict(dst=tmp_path / "new", beta_fats=3), ValueError, "did you mean 'beta_fast'"),
+        (dict(dst=tmp_path / "new", eval_results=tmp_path / "missing.json"), ValueError, "eval_results"),
+        (dict(dst=None), ValueError, "dst"),
+    ]
+    for kwargs, error, message in bad:
+        arguments = {"method": "yarn", "factor": 4, **kwargs}
+        with pytest.raises(error, match=message):
+            extend_checkpoint(src, arguments.pop("dst"), **arguments)
+    assert (snapshot(src), snapshot(occupied)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied", "src"]
+    out = run("extend", str(src), "--method", "pi", "--factor", "2", "--output", str(src))
+    assert out.returncode == 2 and "--in-place" in out.stderr
+
+
+def test_in_place_changes_only_config_and_card(tmp_path):
+    src = make_source(tmp_path / "src")
+    before = snapshot(src)
+    out = run("extend", str(src), "--method", "ntk", "--factor", "2", "--in-place")
+    assert out.returncode == 0, out.stderr
+    after = snapshot(src)
+    assert set(after) == set(before)
+    changed = {name for name in before if before[name][0] != after[name][0]}
+    assert changed == {"config.json", "README.md"}
+    for name in before:
+        if name not in changed:
+            assert after[name][1:] == before[name][1:], name  # same inode, same mtime: untouched
+    assert json.loads((src / "config.json").read_text())["longctx_hf"]["method"] == "ntk"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_overwrite_replaces_only_a_complete_checkpoint(tmp_path):
+    src = make_source(tmp_path / "src")
+    dst = tmp_path / "out"
+    extend_checkpoint(src, dst, "pi", 2)
+    previous = snapshot(dst)
+    # A dangling symlink (e.g. an interrupted download) makes the run fail after files were staged:
+    (src / "broken.bin").symlink_to(tmp_path / "nowhere.bin")
+    with pytest.raises(OSError):
+        extend_checkpoint(src, dst, "yarn", 4, overwrite=True)
+    assert snapshot(dst) == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # staging folder removed
+    (src / "broken.bin").unlink()
+    extend_checkpoint(src, dst, "yarn", 4, overwrite=True)
+    assert json.loads((dst / "config.json").read_text())["longctx_hf"]["method"] == "yarn"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_model_card_parses_and_carries_license_base_model_and_evaluation(tmp_path):
+    src = make_source(tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "_name_or_path": "HuggingFaceTB/SmolLM2-135M"}))
+    (tmp_path / "eval").mkdir()
+    png = b"\x89PNG\r\n\x1a\n" + os.urandom(64)
+    (tmp_path / "eval" / "ppl_vs_length.png").write_bytes(png)
+    results = {"model": str(src), "pretrained_length": 256, "baseline": "unextended model, sliding window",
+               "text": "Python stdlib sources", "plots": {"ppl_vs_length": "ppl_vs_length.png"},
+               "runs": [{"method": "yarn", "factor": 4.0, "options": {},
+                         "perplexity": [{"length": 1024, "ppl": 4.63, "baseline_ppl": 4.53, "tokens_scored": 768}],
+                         "passkey": [{"length": 1024, "depth": 0.5, "trials": 3, "correct": 2, "accuracy": 0.667}]}]}
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(results))
+    dst = extend_checkpoint(src, tmp_path / "out", "yarn", 4, eval_results=tmp_path / "eval" / "results.json")
+    card = ModelCard.load(dst / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["license"] == "apache-2.0"
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+    assert {"longctx-hf", "yarn"} <= set(data["tags"])
+    assert "256 (pretrained) → 1024 (extended)" in card.text and "factor: 4" in card.text
+    assert '"rope_type": "yarn"' in card.text and "trust_remote_code" not in card.text
+    assert "400 fine-tuning steps" in card.text
+    assert "| yarn | 4.0 | 1024 | 4.63 | 4.53 | 768 |" in card.text and "| 2 / 3 |" in card.text
+    assert "![ppl_vs_length](ppl_vs_length.png)" in card.text
+    assert (dst / "ppl_vs_length.png").read_bytes() == png
+
+
+def test_info_on_a_config_file_and_json(tmp_path):
+    src = make_source(tmp_path / "src")
+    extend_checkpoint(src, tmp_path / "out", "dynamic_ntk", 3)
+    out = run("info", str(tmp_path / "out" / "config.json"), "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert (info["method"], info["factor"], info["pretrained_length"]) == ("dynamic_ntk", 3.0, 256)
+
+
+def test_extend_import_cost_stays_small():
+    """The offline path must not pull torch/transformers (run() asserts that) nor huggingface_hub's card stack."""
+    code = ("import sys; import longctx_hf.checkpoint, longctx_hf.cli; "
+            "heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
