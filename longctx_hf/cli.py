@@ -84,7 +84,8 @@ def _push(args) -> int:
     from .hub import push_to_hub
 
     try:
-        commit = push_to_hub(args.path, args.repo_id, private=args.private, commit_message=args.commit_message)
+        commit = push_to_hub(args.path, args.repo_id, private=args.private or None,  # None: keep an existing repo's
+                             commit_message=args.commit_message)
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -90,8 +90,11 @@ class _Handler(BaseHTTPRequestHandler):
             request = json.loads(body)
             repo_id = f"{request['organization']}/{request['name']}"
             with self.hub.lock:
-                repo = self.hub.repos.setdefault(repo_id, {"files": {}, "sha": uuid.uuid4().hex + "0" * 8})
-                repo["private"] = request.get("visibility") == "private"
+                if repo_id in self.hub.repos:
+                    return self._send(409, {"error": "You already created this model repo",
+                                            "url": f"{self.hub.endpoint}/{repo_id}"})
+                self.hub.repos[repo_id] = {"files": {}, "sha": uuid.uuid4().hex + "0" * 8,
+                                           "private": request.get("visibility") == "private"}
             return self._send(200, {"url": f"{self.hub.endpoint}/{repo_id}", "name": repo_id})
         if path == "/api/validate-yaml":
             return self._send(200, {})
@@ -128,7 +131,9 @@ class _Handler(BaseHTTPRequestHandler):
             for line in body.decode().splitlines():
                 item = json.loads(line)
                 value = item["value"]
-                if item["key"] == "file":
+                if item["key"] == "header":
+                    repo.setdefault("messages", []).append(value["summary"])
+                elif item["key"] == "file":
                     repo["files"][value["path"]] = base64.b64decode(value["content"])
                 elif item["key"] == "lfsFile":
                     repo["files"][value["path"]] = self.hub.lfs[value["oid"]]
