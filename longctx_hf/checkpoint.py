@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 from . import hf_config, methods, model_card
@@ -111,8 +109,10 @@ class _staging:
 
     def __enter__(self) -> Path:
         self.dst.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=self.dst.parent))
-        os.chmod(self.path, self.dst.stat().st_mode if self.dst.is_dir() else 0o777 & ~_umask())  # mkdtemp: 0700
+        self.path = _unique_sibling(self.dst, "partial")
+        os.mkdir(self.path)  # mode 0o777 minus the umask, like any folder the user creates
+        if self.dst.is_dir():
+            os.chmod(self.path, self.dst.stat().st_mode)  # in place / overwrite: keep the folder's permissions
         return self.path
 
     def __exit__(self, kind, error, traceback):
@@ -127,10 +127,9 @@ class _staging:
         return False
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _unique_sibling(path: Path, label: str) -> Path:
+    """A hidden name beside `path` (same filesystem, so renames are atomic and hard links work)."""
+    return path.with_name(f".{path.name}.{label}-{os.urandom(4).hex()}")
 
 
 def _replace_folder(new: Path, dst: Path) -> None:
@@ -138,7 +137,7 @@ def _replace_folder(new: Path, dst: Path) -> None:
     if not dst.exists():
         os.rename(new, dst)
         return
-    old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+    old = _unique_sibling(dst, "old")
     os.rename(dst, old)
     try:
         os.rename(new, dst)
