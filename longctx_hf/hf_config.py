@@ -75,11 +75,20 @@ HEAD_DIM_KEYS = ("head_dim", "kv_channels", "attention_head_dim")  # config clas
 PARTIAL_ROTARY_DEFAULTS = {"gpt_neox": 0.25, "stablelm": 0.25, "phi": 0.5, "persimmon": 0.5, "nemotron": 0.5}
 
 
+def partial_rotary_factor_of(config: dict):
+    """The fraction of head_dim that rotates, as transformers 5 reads it (None: the whole head), from
+    rope_parameters, the 4.x top-level key, GPT-NeoX's `rotary_pct`, or the config class default."""
+    partial = rope_parameters_of(config).get("partial_rotary_factor")
+    for key in ("partial_rotary_factor", "rotary_pct"):
+        if partial is None:
+            partial = config.get(key)
+    return PARTIAL_ROTARY_DEFAULTS.get(config.get("model_type")) if partial is None else partial
+
+
 def rotary_dim_of(config: dict) -> int:
     """The rotary dimension transformers builds for a config.json dict, without transformers.
 
-    head_dim (or hidden_size / num_attention_heads) times partial_rotary_factor, read from rope_parameters, the
-    4.x top-level key, GPT-NeoX's `rotary_pct`, or the config class default; rounded up to even like
+    head_dim (or hidden_size / num_attention_heads) times the partial rotary factor, rounded up to even like
     `arange(0, dim, 2)`.
     """
     head_dim = next((config[key] for key in HEAD_DIM_KEYS if config.get(key)), None)
@@ -90,13 +99,8 @@ def rotary_dim_of(config: dict) -> int:
             raise ValueError("config.json has neither head_dim nor hidden_size and num_attention_heads, so the rotary "
                              "dimension is unknown; load the model and use extend_context instead")
         head_dim = hidden // heads
-    partial = rope_parameters_of(config).get("partial_rotary_factor")
-    for key in ("partial_rotary_factor", "rotary_pct"):
-        if partial is None:
-            partial = config.get(key)
-    if partial is None:
-        partial = PARTIAL_ROTARY_DEFAULTS.get(config.get("model_type"), 1.0)
-    dim = int(head_dim * partial)
+    partial = partial_rotary_factor_of(config)
+    dim = int(head_dim * (1.0 if partial is None else partial))
     return 2 * ((dim + 1) // 2)
 
 
@@ -125,7 +129,7 @@ def legacy_rope_scaling(rope_parameters: dict):
 def config_changes(config: dict, method, spec, pretrained: Pretrained) -> dict:
     """Top-level config keys to set (or DELETE) so every reader sees the extension the same way."""
     rope = method.rope_parameters(spec)
-    partial = rope_parameters_of(config).get("partial_rotary_factor")
+    partial = partial_rotary_factor_of(config)
     if partial is not None:
         rope["partial_rotary_factor"] = partial
     changes = {

@@ -221,3 +221,38 @@ def test_extend_import_cost_stays_small():
             "heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def as_transformers_4_config(folder, kind):
+    """Rewrite a saved config.json the way transformers 4.x wrote it (top-level rope keys, torch_dtype)."""
+    config = json.loads((folder / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["torch_dtype"] = config.pop("dtype")
+    if kind == "gpt_neox":
+        config.update(rotary_emb_base=rope["rope_theta"], rotary_pct=rope["partial_rotary_factor"])
+    else:
+        config.update(rope_theta=rope["rope_theta"], rope_scaling=None)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_transformers_4_source_config_gives_the_same_model(tmp_path):
+    """A 4.x-era config.json keeps its other keys offline, but the rope keys and the reloaded model are the same."""
+    folders = []
+    for kind, method in (("llama", "yarn"), ("gpt_neox", "ntk")):
+        src = make_source(tmp_path / f"src-{kind}", kind)
+        as_transformers_4_config(src, kind)
+        offline = extend_checkpoint(src, tmp_path / f"{kind}-offline", method, 4)
+        model = extend_context(AutoModelForCausalLM.from_pretrained(src).eval(), method, 4)
+        model.save_pretrained(tmp_path / f"{kind}-in-memory")
+        ours = json.loads((offline / "config.json").read_text())
+        theirs = json.loads((tmp_path / f"{kind}-in-memory" / "config.json").read_text())
+        for key in ("rope_parameters", "rope_theta", "rope_scaling", "max_position_embeddings", "longctx_hf"):
+            assert ours.get(key) == theirs.get(key), (kind, key)
+        if kind == "gpt_neox":  # what transformers 4.x's GPT-NeoX reads as the base
+            assert ours["rotary_emb_base"] == ours["rope_theta"] != 10000.0
+        ids = torch.randint(0, model.config.vocab_size, (1, 700))
+        with torch.no_grad():
+            torch.save({"ids": ids, "logits": model(ids).logits}, offline / "expected.pt")
+        folders.append(str(offline))
+    results = reload_in_fresh_process(folders)
+    assert all(results.values()), results
