@@ -58,8 +58,9 @@ BUILD = r"""
 import sys, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM, LlamaConfig
-config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=int(sys.argv[2]), num_attention_heads=16,
-                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0)
+config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=int(sys.argv[2]),
+                     num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
+                     rope_theta=10000.0)
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 model.save_pretrained(sys.argv[1], max_shard_size="400MB")
@@ -121,14 +122,15 @@ def main():
             memory_rss = max(memory_rss, rss)
 
         offline, memory = min(offline_times), min(memory_times)
-        print(f"offline `longctx-hf extend` (subprocess): best {offline:.3f} s of {[round(t, 3) for t in offline_times]}, "
-              f"peak RSS {offline_rss / 1e6:.0f} MB ({offline_rss / size:.1%} of the checkpoint)")
+        print(f"offline `longctx-hf extend` (subprocess): best {offline:.3f} s of "
+              f"{[round(t, 3) for t in offline_times]}, peak RSS {offline_rss / 1e6:.0f} MB "
+              f"({offline_rss / size:.1%} of the checkpoint)")
         print(f"load + extend_context + save_pretrained (subprocess): best {memory:.2f} s of "
               f"{[round(t, 2) for t in memory_times]}, peak RSS {memory_rss / 1e6:.0f} MB")
         print(f"speed-up: {memory / offline:.1f}x (target >= 10x, aim 50x)")
         print(f"peak memory <= half the checkpoint: {offline_rss <= size / 2}")
         print(f"weights sha256 identical to the source: {weights(root / 'offline') == source_hashes}")
-        same_config = (root / "offline" / "config.json").read_bytes() == (root / "in_memory" / "config.json").read_bytes()
+        same_config = (root / "offline/config.json").read_bytes() == (root / "in_memory/config.json").read_bytes()
         print(f"config.json identical to the in-memory path's: {same_config}")
         out = subprocess.run([sys.executable, "-c", RELOAD, str(root / "offline"), str(root / "in_memory")],
                              capture_output=True, text=True, env={**os.environ})
@@ -136,7 +138,8 @@ def main():
             raise RuntimeError(out.stderr[-3000:])
         import resource
 
-        print(f"(this benchmark process's own peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} MB)")
+        own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+        print(f"(this benchmark process's own peak RSS: {own_peak:.0f} MB)")
         print(f"fresh-process reload, offline vs in-memory logits torch.equal: {json.loads(out.stdout.strip())}")
     finally:
         if not args.keep:

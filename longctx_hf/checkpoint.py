@@ -19,15 +19,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 REPLACED = ("config.json", "README.md")  # written anew into the destination, never copied from the source
 
 
-def extend_checkpoint(src, dst=None, method="yarn", factor=None, *, target_length=None,
+def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
                       original_max_position_embeddings=None, overwrite=False, in_place=False, eval_results=None,
                       link=True, **options) -> Path:
-    """Write `src` extended with `method` to `dst` (a folder) without loading a weight; returns `dst`.
+    """Write `src` extended with `method` to the folder `dst` without loading a weight; returns `dst`.
 
     `src` is a checkpoint folder or a Hub repo id (downloaded into huggingface_hub's cache). `in_place=True`
-    rewrites `src` itself (only config.json and README.md change). `eval_results` is a results.json path (see
-    RESULTS_SCHEMA) whose table and plots go into the model card. `link=False` copies weights instead of
-    hard-linking them. Everything is validated before a file is written.
+    (dst None or src) rewrites `src` itself: only config.json and README.md change. `eval_results` is a
+    results.json path (RESULTS_SCHEMA) whose table and plots go into the model card. `link=False` copies the
+    weights instead of hard-linking them. Everything is validated before a file is written.
     """
     module = methods.get_method(method)
     src_dir, hub_id = resolve_source(src, allow_hub=not in_place)

@@ -8,6 +8,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 
+def _user_errors():
+    """Errors a user can cause (bad input, files, the network), printed as one line instead of a traceback.
+
+    Evaluated only when an exception is being matched, so the success path never imports huggingface_hub.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    return ValueError, TypeError, OSError, HfHubHTTPError, LocalEntryNotFoundError
+
+
 def _info(args) -> int:
     from .hf_config import describe
     from .model_card import looks_like_repo_id
@@ -17,7 +27,11 @@ def _info(args) -> int:
     if not config_file.is_file() and looks_like_repo_id(args.path):
         from huggingface_hub import hf_hub_download
 
-        config_file = Path(hf_hub_download(args.path, "config.json"))  # only the config, never the weights
+        try:
+            config_file = Path(hf_hub_download(args.path, "config.json"))  # only the config, never the weights
+        except _user_errors() as err:
+            print(f"error: cannot fetch config.json of {args.path}: {err}", file=sys.stderr)
+            return 2
     if not config_file.is_file():
         print(f"error: no config.json at {path}", file=sys.stderr)
         return 2
@@ -69,7 +83,7 @@ def _extend(args) -> int:
                                 original_max_position_embeddings=args.original, overwrite=args.overwrite,
                                 in_place=args.in_place, eval_results=args.eval_results, link=not args.copy,
                                 **options)
-    except (ValueError, TypeError) as err:
+    except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     info = describe(json.loads((dst / "config.json").read_text()))
@@ -86,7 +100,7 @@ def _push(args) -> int:
     try:
         commit = push_to_hub(args.path, args.repo_id, private=args.private or None,  # None: keep an existing repo's
                              commit_message=args.commit_message)
-    except (ValueError, TypeError) as err:
+    except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"pushed {args.path} to {args.repo_id}: {commit.commit_url}")

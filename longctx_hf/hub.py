@@ -22,8 +22,8 @@ def push_to_hub(model_or_path, repo_id: str, *, private: bool | None = None, com
     A model in memory is saved with `save_pretrained` into a temporary folder first, with a model card written
     from its config (push the tokenizer separately, or extend and push a folder that has it).
     """
-    if not isinstance(repo_id, str) or not model_card.REPO_ID.match(repo_id):
-        raise ValueError(f"repo_id must look like 'owner/name', got {repo_id!r}")
+    if not isinstance(repo_id, str) or not (model_card.REPO_ID.match(repo_id) or model_card.REPO_NAME.match(repo_id)):
+        raise ValueError(f"repo_id must look like 'owner/name' (or 'name' in your own namespace), got {repo_id!r}")
     if isinstance(model_or_path, (str, os.PathLike)):
         folder = Path(model_or_path)
         if not (folder / "config.json").is_file():

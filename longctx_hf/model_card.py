@@ -14,6 +14,7 @@ import yaml
 from . import hf_config
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+REPO_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 CONFIG_KEYS = ("max_position_embeddings", "rope_parameters", "rope_theta", "rope_scaling", "auto_map",
                hf_config.RECORD_KEY)
 

@@ -56,7 +56,8 @@ def test_offline_config_is_what_extend_context_saves_and_reloads_identically(tmp
         extend_checkpoint(sources[kind], offline, method, 4, **options)
         model = extend_context(AutoModelForCausalLM.from_pretrained(sources[kind]).eval(), method, 4, **options)
         model.save_pretrained(tmp_path / f"{kind}-{method}-in-memory")
-        assert (offline / "config.json").read_bytes() == (tmp_path / f"{kind}-{method}-in-memory/config.json").read_bytes()
+        in_memory = tmp_path / f"{kind}-{method}-in-memory" / "config.json"
+        assert (offline / "config.json").read_bytes() == in_memory.read_bytes(), (kind, method)
         ids = torch.randint(0, model.config.vocab_size, (1, 700))  # > 256 pretrained: dynamic scaling active
         with torch.no_grad():
             torch.save({"ids": ids, "logits": model(ids).logits}, offline / "expected.pt")

@@ -87,3 +87,14 @@ def test_info_and_extend_from_a_repo_id(tmp_path, hub):
 
     out = cli(hub, "extend", "org/base-model", "--method", "pi", "--factor", "2", "--in-place")
     assert out.returncode == 2 and "local checkpoint folder" in out.stderr
+
+
+def test_push_refuses_bad_input_before_any_request(tmp_path):
+    from longctx_hf import push_to_hub
+
+    with pytest.raises(ValueError, match="config.json"):
+        push_to_hub(tmp_path, "someone/empty")
+    with pytest.raises(ValueError, match="repo_id must look like"):
+        push_to_hub(tmp_path, "not a repo id")
+    with pytest.raises(TypeError, match="model_or_path"):
+        push_to_hub(object(), "someone/thing")
