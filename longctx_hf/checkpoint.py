@@ -48,7 +48,8 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     files = {"config.json": json.dumps(new_config, indent=2, sort_keys=True) + "\n", "README.md": card,
              **remote_files}
     with _staging(dst_dir) as staging:
-        _link_tree(src_dir, staging, skip=set(files), link=link, link_everything=in_place)
+        # Files written here are never linked first: writing into a hard link would write into the source.
+        _link_tree(src_dir, staging, skip=set(files) | set(plots), link=link, link_everything=in_place)
         for name, text in files.items():
             (staging / name).write_text(text)
         for name, path in plots.items():

@@ -76,8 +76,8 @@ def _extend(args) -> int:
     from .checkpoint import extend_checkpoint
     from .hf_config import describe
 
-    options = {name: value for name, value in vars(args).items() if name.startswith("option_") and value is not None}
-    options = {name[len("option_"):]: value for name, value in options.items()}
+    options = {name.removeprefix("option_"): value for name, value in vars(args).items()
+               if name.startswith("option_") and value is not None}
     try:
         dst = extend_checkpoint(args.src, args.output, args.method, args.factor, target_length=args.target_length,
                                 original_max_position_embeddings=args.original, overwrite=args.overwrite,
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
     extend = sub.add_parser("extend", help="extend a checkpoint on disk without loading it (config + links)")
     extend.add_argument("src", help="checkpoint folder or Hub repo id")
-    extend.add_argument("--method", required=True, help="pi, ntk, dynamic_ntk, yarn (see `longctx-hf methods`)")
+    extend.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)} (see `longctx-hf methods`)")
     size = extend.add_mutually_exclusive_group(required=True)
     size.add_argument("--factor", type=float, help="extension factor relative to the pretrained length")
     size.add_argument("--target-length", type=int, help="target context length in tokens")

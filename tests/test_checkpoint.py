@@ -257,3 +257,19 @@ def test_transformers_4_source_config_gives_the_same_model(tmp_path):
         folders.append(str(offline))
     results = reload_in_fresh_process(folders)
     assert all(results.values()), results
+
+
+def test_in_place_never_writes_into_a_linked_file(tmp_path):
+    """Re-running in place with new plots replaces the plot file; it never writes into the old inode."""
+    src = make_source(tmp_path / "src")
+    results = {"runs": [], "plots": {"ppl_vs_length": "ppl_vs_length.png"}}
+    for round_ in (1, 2):
+        folder = tmp_path / f"eval{round_}"
+        folder.mkdir()
+        (folder / "ppl_vs_length.png").write_bytes(b"plot %d" % round_)
+        (folder / "results.json").write_text(json.dumps(results))
+        extend_checkpoint(src, None, "yarn", 2 * round_, in_place=True, eval_results=folder / "results.json")
+        if round_ == 1:
+            os.link(src / "ppl_vs_length.png", tmp_path / "kept.png")  # someone else's link to the first plot
+    assert (src / "ppl_vs_length.png").read_bytes() == b"plot 2"
+    assert (tmp_path / "kept.png").read_bytes() == b"plot 1"
