@@ -30,9 +30,9 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     weights instead of hard-linking them. Everything is validated before a file is written.
     """
     module = methods.get_method(method)
-    src_dir, hub_id = resolve_source(src, allow_hub=not in_place)
-    dst_dir = _check_destination(src_dir, dst, overwrite=overwrite, in_place=in_place)
-    config = _read_config(src_dir)
+    local, hub_id = _locate(src, allow_hub=not in_place)
+    dst_dir = _check_destination(local, dst, overwrite=overwrite, in_place=in_place)
+    config = _read_config(local / "config.json" if local else hub_config_file(hub_id))  # not the weights, yet
     pretrained = hf_config.pretrained_rope(config, original_max_position_embeddings)
     factor = hf_config.factor_from(factor, target_length, pretrained.max_position_embeddings)
     spec = methods.build_spec(module, factor=factor, rope_theta=pretrained.rope_theta,
@@ -41,10 +41,11 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     new_config = hf_config.apply_to_dict(config, hf_config.config_changes(config, module, spec, pretrained))
     remote_files = module.remote_code_files(spec) if hasattr(module, "remote_code_files") else {}
     results, plots = model_card.load_eval_results(eval_results) if eval_results is not None else (None, {})
+
+    src_dir = local or _download(hub_id)  # only now, once everything is valid, the whole repo
     card = model_card.render(new_config, base_model=hub_id or model_card.repo_id_in(config),
                              source_card=src_dir / "README.md", eval_results=results, plots=plots,
                              remote_code=bool(remote_files))
-
     files = {"config.json": json.dumps(new_config, indent=2, sort_keys=True) + "\n", "README.md": card,
              **remote_files}
     with _staging(dst_dir) as staging:
@@ -57,8 +58,8 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     return dst_dir
 
 
-def resolve_source(src, *, allow_hub=True) -> tuple[Path, str | None]:
-    """(local folder, Hub repo id or None): a local folder wins; otherwise `src` is fetched from the Hub."""
+def _locate(src, *, allow_hub: bool) -> tuple[Path | None, str | None]:
+    """(local folder, None) or (None, Hub repo id): a local folder wins, like transformers' from_pretrained."""
     if not isinstance(src, (str, os.PathLike)):
         raise TypeError(f"src must be a checkpoint folder or a Hub repo id, got {type(src).__name__} {src!r}")
     path = Path(src)
@@ -68,19 +69,29 @@ def resolve_source(src, *, allow_hub=True) -> tuple[Path, str | None]:
         raise ValueError(f"src must be a checkpoint folder or a Hub repo id (owner/name); {str(src)!r} is neither")
     if not allow_hub:
         raise ValueError("in_place needs a local checkpoint folder, not a Hub repo id")
+    return None, str(src)
+
+
+def hub_config_file(repo_id: str) -> Path:
+    """Only the config.json of a Hub repo (huggingface_hub's cache), never its weights."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id, "config.json"))
+
+
+def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(src))), str(src)
+    return Path(snapshot_download(repo_id))
 
 
-def _read_config(folder: Path) -> dict:
-    config_file = folder / "config.json"
+def _read_config(config_file: Path) -> dict:
     if not config_file.is_file():
-        raise ValueError(f"src has no config.json: {folder}")
+        raise ValueError(f"src has no config.json: {config_file.parent}")
     return json.loads(config_file.read_text())
 
 
-def _check_destination(src_dir: Path, dst, *, overwrite: bool, in_place: bool) -> Path:
+def _check_destination(src_dir: Path | None, dst, *, overwrite: bool, in_place: bool) -> Path:
     """The destination folder, after refusing every combination that could overwrite or lose user files."""
     if in_place:
         if dst is not None and Path(dst).resolve() != src_dir:
@@ -91,9 +102,9 @@ def _check_destination(src_dir: Path, dst, *, overwrite: bool, in_place: bool) -
     dst_dir = Path(dst).resolve()
     if dst_dir == src_dir:
         raise ValueError("dst is src; pass in_place=True (CLI: --in-place) to rewrite the source checkpoint")
-    if src_dir in dst_dir.parents:
+    if src_dir is not None and src_dir in dst_dir.parents:
         raise ValueError(f"dst must not be inside src ({dst_dir} is inside {src_dir})")
-    if dst_dir in src_dir.parents:
+    if src_dir is not None and dst_dir in src_dir.parents:
         raise ValueError(f"dst must not contain src ({src_dir} is inside {dst_dir})")
     if dst_dir.exists() and not dst_dir.is_dir():
         raise ValueError(f"dst exists and is not a folder: {dst_dir}")

@@ -25,10 +25,10 @@ def _info(args) -> int:
     path = Path(args.path)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file() and looks_like_repo_id(args.path):
-        from huggingface_hub import hf_hub_download
+        from .checkpoint import hub_config_file
 
         try:
-            config_file = Path(hf_hub_download(args.path, "config.json"))  # only the config, never the weights
+            config_file = hub_config_file(args.path)
         except _user_errors() as err:
             print(f"error: cannot fetch config.json of {args.path}: {err}", file=sys.stderr)
             return 2

@@ -75,8 +75,16 @@ def test_info_and_extend_from_a_repo_id(tmp_path, hub):
     fetched = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
     assert fetched and all(path.endswith("/config.json") for path in fetched)  # info downloads only the config
 
+    out = cli(hub, "extend", "org/base-model", "--method", "yarn", "--target-length", "100",
+              "--output", str(tmp_path / "out"))
+    assert out.returncode == 2 and "must exceed the pretrained length 256" in out.stderr
+    fetched = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
+    assert all(path.endswith("/config.json") for path in fetched)  # validated before downloading the weights
+    assert not (tmp_path / "out").exists()
+
     out = cli(hub, "extend", "org/base-model", "--method", "pi", "--factor", "2", "--output", str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr
+    assert any(path.endswith(".safetensors") for method, path, _ in hub.requests if method == "GET")
     dst = tmp_path / "out"
     for path in snapshot(src):
         if path not in ("config.json", "README.md"):
