@@ -273,3 +273,31 @@ def test_in_place_never_writes_into_a_linked_file(tmp_path):
             os.link(src / "ppl_vs_length.png", tmp_path / "kept.png")  # someone else's link to the first plot
     assert (src / "ppl_vs_length.png").read_bytes() == b"plot 2"
     assert (tmp_path / "kept.png").read_bytes() == b"plot 1"
+
+
+@pytest.mark.real_model
+def test_real_smollm2_offline_equals_in_memory(tmp_path):
+    from longctx_hf.real_model import smollm2_path
+
+    src = smollm2_path()
+    out = run("extend", str(src), "--method", "yarn", "--factor", "2", "--output", str(tmp_path / "offline"))
+    assert out.returncode == 0, out.stderr
+    model = extend_context(AutoModelForCausalLM.from_pretrained(src).eval(), "yarn", 2)
+    model.save_pretrained(tmp_path / "in-memory")
+    assert (tmp_path / "offline/config.json").read_bytes() == (tmp_path / "in-memory/config.json").read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (tmp_path / "offline" / name).read_bytes() == (Path(src) / name).read_bytes(), name
+    ids = torch.randint(0, model.config.vocab_size, (1, 64))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "offline" / "expected.pt")
+    assert reload_in_fresh_process([str(tmp_path / "offline")]) == {str(tmp_path / "offline"): True}
+
+
+def test_model_card_for_a_method_that_ships_code():
+    from longctx_hf import model_card
+
+    config = {"model_type": "llama", "max_position_embeddings": 4096, "rope_theta": 10000.0,
+              "auto_map": {"AutoModelForCausalLM": "modeling_longctx.Model"}}
+    card = ModelCard(model_card.render(config, remote_code=True, name="me/model"))
+    assert 'from_pretrained("me/model", trust_remote_code=True)' in card.text
+    assert '"auto_map"' in card.text and card.data.library_name == "transformers"
