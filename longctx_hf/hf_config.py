@@ -70,8 +70,8 @@ def pretrained_rope(config: dict, original_max_position_embeddings=None) -> Pret
     return Pretrained(rope_theta=float(theta), max_position_embeddings=length)
 
 
-# transformers' config-class defaults (configuration_*.py, "assign default for BC") for a config.json without one
 HEAD_DIM_KEYS = ("head_dim", "kv_channels", "attention_head_dim")  # config classes' attribute_map aliases
+# transformers' config-class defaults (configuration_*.py, "assign default for BC") for a config.json without one
 PARTIAL_ROTARY_DEFAULTS = {"gpt_neox": 0.25, "stablelm": 0.25, "phi": 0.5, "persimmon": 0.5, "nemotron": 0.5}
 
 
