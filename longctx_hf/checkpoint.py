@@ -48,9 +48,12 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
                              remote_code=bool(remote_files))
     files = {"config.json": json.dumps(new_config, indent=2, sort_keys=True) + "\n", "README.md": card,
              **remote_files}
+    if in_place:
+        _replace_files(src_dir, files, plots)
+        return dst_dir
     with _staging(dst_dir) as staging:
         # Files written here are never linked first: writing into a hard link would write into the source.
-        _link_tree(src_dir, staging, skip=set(files) | set(plots), link=link, link_everything=in_place)
+        _link_tree(src_dir, staging, skip=set(files) | set(plots), link=link)
         for name, text in files.items():
             (staging / name).write_text(text)
         for name, path in plots.items():
@@ -124,7 +127,7 @@ class _staging:
         self.path = _unique_sibling(self.dst, "partial")
         os.mkdir(self.path)  # mode 0o777 minus the umask, like any folder the user creates
         if self.dst.is_dir():
-            os.chmod(self.path, self.dst.stat().st_mode)  # in place / overwrite: keep the folder's permissions
+            os.chmod(self.path, self.dst.stat().st_mode)  # overwrite: keep the folder's permissions
         return self.path
 
     def __exit__(self, kind, error, traceback):
@@ -159,21 +162,55 @@ def _replace_folder(new: Path, dst: Path) -> None:
     shutil.rmtree(old)
 
 
-def _link_tree(src: Path, dst: Path, *, skip: set, link: bool, link_everything: bool = False) -> None:
+def _replace_files(folder: Path, files: dict, plots: dict) -> None:
+    """In place: each new file is written beside its target and renamed onto it (atomic per file). The folder
+    itself never moves, so `.git/`, `.cache/`, symlinked subfolders and every other file stay as they are.
+
+    config.json goes last: until it is replaced, the checkpoint is still the old one (with at most a new card).
+    """
+    for name in sorted(plots):
+        _replace_file(folder / name, lambda target, source=plots[name]: shutil.copy2(source, target))
+    for name in sorted(files, key=lambda name: name == "config.json"):
+        _replace_file(folder / name, lambda target, text=files[name]: target.write_text(text))
+
+
+def _replace_file(path: Path, write) -> None:
+    """Write a fresh file (a new inode: a hard link to the old one keeps the old bytes) and rename it onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _unique_sibling(path, "partial")
+    try:
+        write(temporary)
+        if path.exists():
+            os.chmod(temporary, path.stat().st_mode)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _link_tree(src: Path, dst: Path, *, skip: set, link: bool) -> None:
     """Hard-link weight files (copy if linking fails or link=False) and copy every other file, except `skip`.
 
-    Small files are copied so that editing the new tokenizer or generation config never edits the source's;
-    in place, everything is linked (the source folder's files simply stay).
+    Small files are copied so that editing the new tokenizer or generation config never edits the source's. A
+    symlinked subfolder is followed and its files linked/copied like the rest (a symlink would share the files
+    with the source, and a relative one could dangle). `.git/` and `.cache/` (huggingface_hub's download
+    bookkeeping) belong to the source folder, not to the new checkpoint, and are left out.
     """
-    for root, folders, names in os.walk(src):
-        folders[:] = [f for f in folders if f not in (".cache", ".git")]  # huggingface_hub / git bookkeeping
+    visited = set()
+    for root, folders, names in os.walk(src, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # a symlink loop, or two links to one folder: its files are already there
+            folders[:] = []
+            continue
+        visited.add(real)
+        folders[:] = [f for f in folders if f not in (".cache", ".git")]
         relative = Path(root).relative_to(src)
         (dst / relative).mkdir(parents=True, exist_ok=True)
         for name in names:
             if relative == Path(".") and name in skip:
                 continue
             source, target = Path(root) / name, dst / relative / name
-            if link and (link_everything or name.endswith(WEIGHT_SUFFIXES)):
+            if link and name.endswith(WEIGHT_SUFFIXES):
                 try:
                     os.link(source.resolve(), target)  # the real blob, not huggingface_hub's cache symlink
                     continue

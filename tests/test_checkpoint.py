@@ -163,6 +163,48 @@ def test_in_place_changes_only_config_and_card(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def add_git_cache_and_symlinked_folder(src, tmp_path):
+    """What real checkpoint folders hold besides the model: a git clone, huggingface_hub's .cache, a linked folder."""
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (src / ".cache" / "huggingface").mkdir(parents=True)
+    (src / ".cache" / "huggingface" / "download.lock").write_text("")
+    shared = tmp_path / "shared-tokenizer"
+    shared.mkdir()
+    (shared / "tokenizer.model").write_text("sentencepiece bytes")
+    (shared / "consolidated.pth").write_bytes(b"weights")
+    (src / "tokenizer-linked").symlink_to(shared, target_is_directory=True)
+    return shared
+
+
+def test_in_place_keeps_git_cache_and_symlinked_folders(tmp_path):
+    src = make_source(tmp_path / "src")
+    shared = add_git_cache_and_symlinked_folder(src, tmp_path)
+    inode = src.stat().st_ino
+    out = run("extend", str(src), "--method", "yarn", "--factor", "2", "--in-place")
+    assert out.returncode == 0, out.stderr
+    assert (src / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert (src / ".cache" / "huggingface" / "download.lock").is_file()
+    assert (src / "tokenizer-linked").is_symlink() and (src / "tokenizer-linked").resolve() == shared
+    assert (shared / "tokenizer.model").read_text() == "sentencepiece bytes"
+    assert src.stat().st_ino == inode  # the folder itself never moved
+    assert json.loads((src / "config.json").read_text())["longctx_hf"]["method"] == "yarn"
+    assert sorted(p.name for p in src.iterdir() if p.name.startswith(".")) == [".cache", ".git"]  # no temp file
+
+
+def test_output_keeps_symlinked_folders_as_real_folders(tmp_path):
+    src = make_source(tmp_path / "src")
+    shared = add_git_cache_and_symlinked_folder(src, tmp_path)
+    (shared / "loop").symlink_to(shared, target_is_directory=True)  # must not recurse forever
+    dst = extend_checkpoint(src, tmp_path / "out", "ntk", 2)
+    folder = dst / "tokenizer-linked"
+    assert folder.is_dir() and not folder.is_symlink()
+    assert (folder / "tokenizer.model").read_text() == "sentencepiece bytes"
+    assert (folder / "tokenizer.model").stat().st_ino != (shared / "tokenizer.model").stat().st_ino  # copied
+    assert (folder / "consolidated.pth").stat().st_ino == (shared / "consolidated.pth").stat().st_ino  # linked
+    assert not (dst / ".git").exists() and not (dst / ".cache").exists()  # the source folder's, not the model's
+
+
 def test_overwrite_replaces_only_a_complete_checkpoint(tmp_path):
     src = make_source(tmp_path / "src")
     dst = tmp_path / "out"
