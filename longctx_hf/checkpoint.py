@@ -29,6 +29,9 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     results.json path (RESULTS_SCHEMA) whose table and plots go into the model card. `link=False` copies the
     weights instead of hard-linking them. Everything is validated before a file is written.
     """
+    if in_place and not link:
+        raise ValueError("link=False (CLI: --copy) copies weights into a new folder; in_place=True keeps the "
+                         "source's files, so there is nothing to copy: drop one of them")
     module = methods.get_method(method)
     local, hub_id = _locate(src, allow_hub=not in_place)
     dst_dir = _check_destination(local, dst, overwrite=overwrite, in_place=in_place)
@@ -111,8 +114,13 @@ def _check_destination(src_dir: Path | None, dst, *, overwrite: bool, in_place: 
         raise ValueError(f"dst must not contain src ({src_dir} is inside {dst_dir})")
     if dst_dir.exists() and not dst_dir.is_dir():
         raise ValueError(f"dst exists and is not a folder: {dst_dir}")
-    if dst_dir.is_dir() and any(dst_dir.iterdir()) and not overwrite:
+    entries = sorted(path.name for path in dst_dir.iterdir()) if dst_dir.is_dir() else []
+    if entries and not overwrite:
         raise ValueError(f"dst is not empty: {dst_dir}; pass overwrite=True (CLI: --overwrite) to replace it")
+    if entries and "config.json" not in entries:  # e.g. `--output models/`: never delete a folder of other things
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(f"overwrite only replaces a checkpoint folder (one with a config.json); dst {dst_dir} is "
+                         f"not one (it holds {shown}); choose a new or empty folder")
     return dst_dir
 
 

@@ -222,6 +222,31 @@ def test_overwrite_replaces_only_a_complete_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
+def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
+    """`--output models/ --overwrite` must not delete the other models in models/."""
+    src = make_source(tmp_path / "src")
+    models = tmp_path / "models"
+    extend_checkpoint(src, models / "first", "pi", 2)
+    (models / "notes.txt").write_text("mine")
+    before = snapshot(models)
+    out = run("extend", str(src), "--method", "yarn", "--factor", "4", "--output", str(models), "--overwrite")
+    assert out.returncode == 2 and "only replaces a checkpoint folder" in out.stderr
+    assert "first, notes.txt" in out.stderr
+    assert snapshot(models) == before
+    with pytest.raises(ValueError, match="must not contain src"):  # refused even with overwrite
+        extend_checkpoint(src, tmp_path, "yarn", 4, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "src"]
+    assert snapshot(models) == before
+
+
+def test_in_place_with_copy_is_refused(tmp_path):
+    src = make_source(tmp_path / "src")
+    before = snapshot(src)
+    out = run("extend", str(src), "--method", "yarn", "--factor", "4", "--in-place", "--copy")
+    assert out.returncode == 2 and "--copy" in out.stderr and "in_place" in out.stderr
+    assert snapshot(src) == before
+
+
 def test_model_card_parses_and_carries_license_base_model_and_evaluation(tmp_path):
     src = make_source(tmp_path / "src")
     config = json.loads((src / "config.json").read_text())
