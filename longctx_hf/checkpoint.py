@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from . import hf_config, methods, model_card
+from .hub import looks_like_repo_id
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 REPLACED = ("config.json", "README.md")  # written anew into the destination, never copied from the source
@@ -71,7 +72,7 @@ def _locate(src, *, allow_hub: bool) -> tuple[Path | None, str | None]:
     path = Path(src)
     if path.is_dir():
         return path.resolve(), None
-    if path.exists() or not model_card.looks_like_repo_id(str(src)):
+    if path.exists() or not looks_like_repo_id(str(src)):
         raise ValueError(f"src must be a checkpoint folder or a Hub repo id (owner/name); {str(src)!r} is neither")
     if not allow_hub:
         raise ValueError("in_place needs a local checkpoint folder, not a Hub repo id")

@@ -20,7 +20,7 @@ def _user_errors():
 
 def _info(args) -> int:
     from .hf_config import describe
-    from .model_card import looks_like_repo_id
+    from .hub import looks_like_repo_id
 
     path = Path(args.path)
     config_file = path / "config.json" if path.is_dir() else path
@@ -78,7 +78,15 @@ def _extend(args) -> int:
 
     options = {name.removeprefix("option_"): value for name, value in vars(args).items()
                if name.startswith("option_") and value is not None}
+    if args.private and not args.push_to_hub:
+        print("error: --private applies to the Hub repo of --push-to-hub; give --push-to-hub REPO_ID or drop "
+              "--private", file=sys.stderr)
+        return 2
     try:
+        if args.push_to_hub:  # before writing the output, not after
+            from .hub import check_repo_id
+
+            check_repo_id(args.push_to_hub)
         dst = extend_checkpoint(args.src, args.output, args.method, args.factor, target_length=args.target_length,
                                 original_max_position_embeddings=args.original, overwrite=args.overwrite,
                                 in_place=args.in_place, eval_results=args.eval_results, link=not args.copy,

@@ -7,12 +7,34 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
-from . import model_card
-
 DEFAULT_MESSAGE = "Upload context-extended checkpoint (longctx-hf)"
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name, as a source or a base model
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """`owner/name` that is not an existing path: how `extend`/`info` tell a Hub source from a local folder."""
+    return bool(REPO_ID.match(text)) and not Path(text).exists()
+
+
+def check_repo_id(repo_id) -> str:
+    """`repo_id` if the Hub accepts it ('owner/name', or 'name' in your own namespace), else a ValueError.
+
+    huggingface_hub's own validator (imported here only: huggingface_hub costs ~0.3 s and `extend` without a push
+    must stay fast); called before anything is written or sent.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str):
+        raise ValueError(f"repo_id must be a string like 'owner/name', got {type(repo_id).__name__} {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"repo_id must look like 'owner/name' (or 'name' in your own namespace): {err}") from None
+    return repo_id
 
 
 def push_to_hub(model_or_path, repo_id: str, *, private: bool | None = None, commit_message: str | None = None,
@@ -22,8 +44,9 @@ def push_to_hub(model_or_path, repo_id: str, *, private: bool | None = None, com
     A model in memory is saved with `save_pretrained` into a temporary folder first, with a model card written
     from its config (push the tokenizer separately, or extend and push a folder that has it).
     """
-    if not isinstance(repo_id, str) or not (model_card.REPO_ID.match(repo_id) or model_card.REPO_NAME.match(repo_id)):
-        raise ValueError(f"repo_id must look like 'owner/name' (or 'name' in your own namespace), got {repo_id!r}")
+    from . import model_card
+
+    check_repo_id(repo_id)
     if isinstance(model_or_path, (str, os.PathLike)):
         folder = Path(model_or_path)
         if not (folder / "config.json").is_file():

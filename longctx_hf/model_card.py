@@ -12,9 +12,8 @@ from pathlib import Path
 import yaml
 
 from . import hf_config
+from .hub import looks_like_repo_id
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-REPO_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 CONFIG_KEYS = ("max_position_embeddings", "rope_parameters", "rope_theta", "rope_scaling", "auto_map",
                hf_config.RECORD_KEY)
 
@@ -28,10 +27,6 @@ FINE_TUNING = {
     "yarn": "Best zero-shot of the RoPE methods; about 400 fine-tuning steps at the target length reach it (Peng et "
             "al. 2023). Keep the same YaRN config while fine-tuning.",
 }
-
-
-def looks_like_repo_id(text: str) -> bool:
-    return bool(REPO_ID.match(text)) and not Path(text).exists()
 
 
 def repo_id_in(config: dict) -> str | None:

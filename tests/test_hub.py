@@ -106,3 +106,16 @@ def test_push_refuses_bad_input_before_any_request(tmp_path):
         push_to_hub(tmp_path, "not a repo id")
     with pytest.raises(TypeError, match="model_or_path"):
         push_to_hub(object(), "someone/thing")
+
+
+def test_cli_checks_hub_options_before_writing_the_output(tmp_path, hub):
+    """A bad --push-to-hub id, or --private without it, fails before the output exists and before any request."""
+    src = make_source(tmp_path / "src")
+    for extra, message in ((["--push-to-hub", "bad id"], "repo_id must look like 'owner/name'"),
+                           (["--push-to-hub", "a/b/c"], "repo_id must look like 'owner/name'"),
+                           (["--private"], "--private applies to the Hub repo of --push-to-hub")):
+        out = cli(hub, "extend", str(src), "--method", "yarn", "--factor", "4", "--output", str(tmp_path / "out"),
+                  *extra)
+        assert out.returncode == 2 and message in out.stderr, (extra, out.stderr)
+        assert not (tmp_path / "out").exists(), extra
+    assert hub.requests == []
