@@ -72,7 +72,26 @@ def pretrained_rope(config: dict, original_max_position_embeddings=None) -> Pret
 
 HEAD_DIM_KEYS = ("head_dim", "kv_channels", "attention_head_dim")  # config classes' attribute_map aliases
 # transformers' config-class defaults (configuration_*.py, "assign default for BC") for a config.json without one
-PARTIAL_ROTARY_DEFAULTS = {"gpt_neox": 0.25, "stablelm": 0.25, "phi": 0.5, "persimmon": 0.5, "nemotron": 0.5}
+PARTIAL_ROTARY_DEFAULTS = {"gpt_neox": 0.25, "stablelm": 0.25, "phi": 0.5, "persimmon": 0.5, "nemotron": 0.5,
+                           "glm": 0.5, "glm4": 0.5, "glm4_moe": 0.5, "glm4v_moe_text": 0.5, "bamba": 0.5,
+                           "recurrent_gemma": 0.5, "qwen3_next": 0.25, "qwen3_5_text": 0.25, "qwen3_5_moe_text": 0.25}
+# Text models whose rotary dimension is head_dim x partial factor (with the defaults above), checked against
+# transformers' own rotary class for each (tests/test_checkpoint.py). Any other model_type is refused: its rotary
+# dimension may come from other keys (qk_rope_head_dim, rotary_dim, ...) or from code.
+HEAD_DIM_ROTARY_MODELS = frozenset({
+    "afmoe", "apertus", "arcee", "aria_text", "bamba", "bitnet", "chameleon", "cohere", "cohere2", "cohere2_moe",
+    "csm", "cwm", "diffllama", "doge", "dots1", "emu3_text_model", "ernie4_5", "ernie4_5_moe", "exaone4",
+    "exaone_moe", "falcon", "falcon_h1", "flex_olmo", "flint", "gemma", "gemma2", "glm", "glm4", "glm4_moe",
+    "glm4v_moe_text", "glm4v_text", "glm_image_text", "glm_ocr_text", "gpt_neox", "gpt_neox_japanese", "gpt_oss",
+    "granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "helium",
+    "hunyuan_v1_dense", "hunyuan_v1_moe", "hy_v3", "hyperclovax", "jais2", "jetmoe", "kolibri1", "lfm2", "lfm2_moe",
+    "llama", "llama4_text", "minimax", "minimax_m2", "ministral", "ministral3", "mistral", "mixtral",
+    "mllama_text_model", "moshi", "nanochat", "nemotron", "olmo", "olmo2", "olmo_hybrid", "olmoe", "persimmon",
+    "phi", "phi3", "phimoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe",
+    "qwen3_next", "qwen4_exp_text", "recurrent_gemma", "seed_oss", "smollm3", "solar_open", "stablelm",
+    "starcoder2", "vaultgemma"
+})
+ROTARY_DIM_KEYS = ("qk_rope_head_dim", "rotary_dim", "rope_dim", "rotary_emb_dim", "rope_head_dim")
 
 
 def partial_rotary_factor_of(config: dict):
@@ -89,8 +108,15 @@ def rotary_dim_of(config: dict) -> int:
     """The rotary dimension transformers builds for a config.json dict, without transformers.
 
     head_dim (or hidden_size / num_attention_heads) times the partial rotary factor, rounded up to even like
-    `arange(0, dim, 2)`.
+    `arange(0, dim, 2)`. Refused (ValueError) for a model_type not known to work that way: a wrong rotary
+    dimension would silently give wrong yarn/ntk frequencies.
     """
+    model_type = config.get("model_type")
+    other_keys = [key for key in ROTARY_DIM_KEYS if key in config]
+    if model_type not in HEAD_DIM_ROTARY_MODELS or other_keys:
+        why = f" (it sets {', '.join(other_keys)})" if other_keys else ""
+        raise ValueError(f"cannot determine the rotary dimension of model_type {model_type!r} from config.json "
+                         f"alone{why}; load the model and use extend_context")
     head_dim = next((config[key] for key in HEAD_DIM_KEYS if config.get(key)), None)
     if not head_dim:
         hidden = next((config[key] for key in ("hidden_size", "n_embd", "d_model") if config.get(key)), None)

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from longctx_hf import extend_checkpoint, extend_context
-from longctx_hf.hf_config import PARTIAL_ROTARY_DEFAULTS, rotary_dim_of
+from longctx_hf.hf_config import HEAD_DIM_KEYS, HEAD_DIM_ROTARY_MODELS, PARTIAL_ROTARY_DEFAULTS, rotary_dim_of
 from models import tiny_model
 from test_cli import run
 from test_roundtrip import ARCHITECTURES, reload_in_fresh_process
@@ -89,6 +89,65 @@ def test_rotary_dim_of_reads_transformers_4_config_forms():
                                                                          "intermediate_size": 64, "vocab_size": 32}))
         rotary = [m for m in model.modules() if hasattr(m, "inv_freq")][0]
         assert rotary_dim_of(config) == 2 * rotary.inv_freq.numel(), config["model_type"]
+
+
+def transformers_rotary_dim(config):
+    """The rotary dimension transformers' own rotary class builds for `config` (None: not one plain text rotary)."""
+    import importlib
+    import inspect
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    name = model_type_to_module_name(config.model_type)
+    try:
+        module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    except ImportError:
+        return None
+    classes = [c for n, c in vars(module).items() if inspect.isclass(c) and n.endswith("RotaryEmbedding")
+               and c.__module__ == module.__name__ and hasattr(c, "compute_default_rope_parameters")]
+    if len(classes) != 1:
+        return None
+    return 2 * classes[0].compute_default_rope_parameters(config)[0].numel()
+
+
+def as_transformers_4_dict(config):
+    """A config.json as transformers 4.x or a hand-written one has it: no rope_parameters, no partial factor."""
+    data = {k: v for k, v in config.to_dict().items() if k not in ("rope_parameters", "partial_rotary_factor")}
+    return {**data, "rope_theta": config.rope_parameters["rope_theta"]}
+
+
+def test_rotary_dim_of_is_right_or_refuses_for_every_transformers_model_type():
+    """Every RoPE config class in transformers: the default config and one with twice the head size."""
+    from transformers import CONFIG_MAPPING
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    checked = set()
+    for kind in CONFIG_MAPPING.keys():
+        try:
+            configs = [CONFIG_MAPPING[kind]()]
+        except Exception:  # classes whose defaults do not validate (sub-configs of composite models)
+            continue
+        rope = getattr(configs[0], "rope_parameters", None)
+        if not isinstance(rope, dict) or "rope_theta" not in rope:
+            continue  # no RoPE, or one per layer type (gemma3-style): never head_dim-only
+        if kind not in HEAD_DIM_ROTARY_MODELS:
+            with pytest.raises(ValueError, match="cannot determine the rotary dimension of model_type"):
+                rotary_dim_of(as_transformers_4_dict(configs[0]))
+            continue
+        saved = configs[0].to_dict()  # falcon's head_dim is a read-only property, not a saved key
+        head_dims = {key: 2 * saved[key] for key in HEAD_DIM_KEYS if saved.get(key)}
+        configs.append(CONFIG_MAPPING[kind](hidden_size=2 * configs[0].hidden_size, **head_dims))
+        dims = [transformers_rotary_dim(config) for config in configs]
+        assert dims[0] != dims[1], kind
+        assert [rotary_dim_of(as_transformers_4_dict(config)) for config in configs] == dims, kind
+        checked.add(kind)
+    assert HEAD_DIM_ROTARY_MODELS <= checked | set(ARCHITECTURES), HEAD_DIM_ROTARY_MODELS - checked - set(ARCHITECTURES)
+    assert set(ARCHITECTURES) <= HEAD_DIM_ROTARY_MODELS
+    for config in ({"model_type": "deepseek_v3", "qk_rope_head_dim": 64, "head_dim": 64},
+                   {"model_type": "llama", "rotary_dim": 64, "head_dim": 128}):
+        with pytest.raises(ValueError, match="load the model and use extend_context"):
+            rotary_dim_of(config)
 
 
 def test_cli_extend_links_weights_copies_the_rest_without_torch(tmp_path):
