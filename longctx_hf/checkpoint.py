@@ -22,10 +22,11 @@ REPLACED = ("config.json", "README.md")  # written anew into the destination, ne
 
 def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
                       original_max_position_embeddings=None, overwrite=False, in_place=False, eval_results=None,
-                      link=True, **options) -> Path:
+                      link=True, revision=None, **options) -> Path:
     """Write `src` extended with `method` to the folder `dst` without loading a weight; returns `dst`.
 
-    `src` is a checkpoint folder or a Hub repo id (downloaded into huggingface_hub's cache). `in_place=True`
+    `src` is a checkpoint folder or a Hub repo id (downloaded into huggingface_hub's cache, at `revision` or the
+    default branch, pinned to the commit its config.json came from, one weight format). `in_place=True`
     (dst None or src) rewrites `src` itself: only config.json and README.md change. `eval_results` is a
     results.json path (RESULTS_SCHEMA) whose table and plots go into the model card. `link=False` copies the
     weights instead of hard-linking them. Everything is validated before a file is written.
@@ -36,7 +37,13 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     module = methods.get_method(method)
     local, hub_id = _locate(src, allow_hub=not in_place)
     dst_dir = _check_destination(local, dst, overwrite=overwrite, in_place=in_place)
-    config = _read_config(local / "config.json" if local else hub_config_file(hub_id))  # not the weights, yet
+    if revision is not None and (local or not isinstance(revision, str)):
+        raise ValueError(f"revision (a branch, tag or commit) applies to a Hub repo id src only, got {revision!r}")
+    if local:
+        config = _read_config(local / "config.json")
+    else:  # only the config, not the weights, yet
+        config_file, commit = _fetch_hub_config(hub_id, revision)
+        config = _read_config(config_file)
     pretrained = hf_config.pretrained_rope(config, original_max_position_embeddings)
     factor = hf_config.factor_from(factor, target_length, pretrained.max_position_embeddings)
     spec = methods.build_spec(module, factor=factor, rope_theta=pretrained.rope_theta,
@@ -46,7 +53,7 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     remote_files = module.remote_code_files(spec) if hasattr(module, "remote_code_files") else {}
     results, plots = model_card.load_eval_results(eval_results) if eval_results is not None else (None, {})
 
-    src_dir = local or _download(hub_id)  # only now, once everything is valid, the whole repo
+    src_dir = local or _download(hub_id, commit)  # only now, once everything is valid, the whole repo
     card = model_card.render(new_config, base_model=hub_id or model_card.repo_id_in(config),
                              source_card=src_dir / "README.md", eval_results=results, plots=plots,
                              remote_code=bool(remote_files))
@@ -79,17 +86,36 @@ def _locate(src, *, allow_hub: bool) -> tuple[Path | None, str | None]:
     return None, str(src)
 
 
-def hub_config_file(repo_id: str) -> Path:
+def hub_config_file(repo_id: str, revision: str | None = None) -> Path:
     """Only the config.json of a Hub repo (huggingface_hub's cache), never its weights."""
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(repo_id, "config.json"))
+    return Path(hf_hub_download(repo_id, "config.json", revision=revision))
 
 
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+def _fetch_hub_config(repo_id: str, revision: str | None) -> tuple[Path, str]:
+    """(config.json, the commit it came from): the rest is fetched at that same commit, never a newer push.
 
-    return Path(snapshot_download(repo_id))
+    A mistyped local path (`models/llama`) is also a valid repo id: the error says both.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        config_file = hub_config_file(repo_id, revision)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        raise ValueError(f"{repo_id!r} is not a local folder, and fetching it as a Hub repo id failed: {err}") from err
+    return config_file, config_file.parent.name  # huggingface_hub's cache: .../snapshots/<commit>/config.json
+
+
+def _download(repo_id: str, commit: str) -> Path:
+    """The repo at `commit`, with one weight format, like from_pretrained: safetensors when the repo has them,
+    else PyTorch .bin; never the other formats beside them (original/*.pth, .gguf, ...)."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    files = list_repo_files(repo_id, revision=commit)
+    keep = next((suffix for suffix in (".safetensors", ".bin") if any(f.endswith(suffix) for f in files)), None)
+    ignore = [f"*{suffix}" for suffix in WEIGHT_SUFFIXES if suffix != keep] if keep else None
+    return Path(snapshot_download(repo_id, revision=commit, ignore_patterns=ignore))
 
 
 def _read_config(config_file: Path) -> dict:

@@ -90,6 +90,7 @@ def _extend(args) -> int:
         dst = extend_checkpoint(args.src, args.output, args.method, args.factor, target_length=args.target_length,
                                 original_max_position_embeddings=args.original, overwrite=args.overwrite,
                                 in_place=args.in_place, eval_results=args.eval_results, link=not args.copy,
+                                revision=args.revision,
                                 **options)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     size = extend.add_mutually_exclusive_group(required=True)
     size.add_argument("--factor", type=float, help="extension factor relative to the pretrained length")
     size.add_argument("--target-length", type=int, help="target context length in tokens")
+    extend.add_argument("--revision", help="branch, tag or commit of a Hub SRC (default: its main branch)")
     extend.add_argument("--original", type=int, help="pretrained length, when the config does not say it")
     extend.add_argument("--output", help="output folder (required unless --in-place)")
     extend.add_argument("--in-place", action="store_true", help="rewrite SRC itself (config.json and README.md)")

@@ -119,3 +119,32 @@ def test_cli_checks_hub_options_before_writing_the_output(tmp_path, hub):
         assert out.returncode == 2 and message in out.stderr, (extra, out.stderr)
         assert not (tmp_path / "out").exists(), extra
     assert hub.requests == []
+
+
+def test_extend_from_hub_fetches_one_weight_format_at_the_config_commit(tmp_path, hub):
+    src = make_source(tmp_path / "src")
+    (src / "pytorch_model.bin").write_bytes(b"the same weights, other format")
+    (src / "original" / "consolidated.00.pth").write_bytes(b"meta format")
+    (src / "model.Q4.gguf").write_bytes(b"llama.cpp format")
+    assert cli(hub, "push", str(src), "org/many-formats").returncode == 0
+    hub.requests.clear()
+    out = cli(hub, "extend", "org/many-formats", "--method", "yarn", "--factor", "2", "--output", str(tmp_path / "out"),
+              "--revision", "main")
+    assert out.returncode == 0, out.stderr
+    fetched = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
+    assert any(path.endswith(".safetensors") for path in fetched)
+    assert not [path for path in fetched if path.endswith((".bin", ".pth", ".gguf"))], fetched
+    assert (tmp_path / "out" / "original" / "params.json").is_file()  # other files of subfolders still come
+    assert not (tmp_path / "out" / "pytorch_model.bin").exists()
+    commit = hub.repos["org/many-formats"]["sha"]
+    config_requests = [i for i, (_, path, _) in enumerate(hub.requests) if path.endswith("/resolve/main/config.json")]
+    assert config_requests  # --revision reaches the config download
+    later = [path for _, path, _ in hub.requests[config_requests[-1] + 1:]]
+    assert later and all(commit in path for path in later if "/resolve/" in path or "/revision/" in path), later
+
+
+def test_mistyped_local_path_says_both_readings(tmp_path, hub):
+    out = cli(hub, "extend", "nothere/llama", "--method", "pi", "--factor", "2", "--output", str(tmp_path / "out"))
+    assert out.returncode == 2
+    assert "'nothere/llama' is not a local folder, and fetching it as a Hub repo id failed" in out.stderr
+    assert not (tmp_path / "out").exists()
