@@ -171,6 +171,22 @@ def test_cli_extend_links_weights_copies_the_rest_without_torch(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staging folder left
 
 
+def test_save_pretrained_into_a_linked_output_leaves_src_unchanged(tmp_path):
+    """The README's claim: save_pretrained replaces files, so saving into the output never writes into SRC's."""
+    src = make_source(tmp_path / "src")
+    before = snapshot(src)
+    dst = extend_checkpoint(src, tmp_path / "out", "yarn", 4)
+    weights = sorted(p.name for p in dst.glob("*.safetensors"))
+    assert all((dst / name).stat().st_ino == (src / name).stat().st_ino for name in weights)  # linked
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # different weights, same file names
+    model.save_pretrained(dst, max_shard_size="100KB")
+    assert snapshot(src) == before
+    assert any((dst / name).read_bytes() != (src / name).read_bytes() for name in weights)
+
+
 def test_copy_instead_of_link(tmp_path):
     src = make_source(tmp_path / "src")
     extend_checkpoint(src, tmp_path / "out", "pi", 2, link=False)
