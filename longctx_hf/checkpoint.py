@@ -53,6 +53,9 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     remote_files = module.remote_code_files(spec) if hasattr(module, "remote_code_files") else {}
     results, plots = model_card.load_eval_results(eval_results) if eval_results is not None else (None, {})
 
+    clashes = sorted(name for name in plots if local and not in_place and (local / name).exists())
+    if clashes:  # in place, a plot replaces the previous run's plot of the same name; here it would hide SRC's file
+        raise ValueError(f"eval_results plot names clash with files of src: {', '.join(clashes)}; rename the plots")
     src_dir = local or _download(hub_id, commit)  # only now, once everything is valid, the whole repo
     card = model_card.render(new_config, base_model=hub_id or model_card.repo_id_in(config),
                              source_card=src_dir / "README.md", eval_results=results, plots=plots,

@@ -14,6 +14,7 @@ import yaml
 from . import hf_config
 from .hub import looks_like_repo_id
 
+PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
 CONFIG_KEYS = ("max_position_embeddings", "rope_parameters", "rope_theta", "rope_scaling", "auto_map",
                hf_config.RECORD_KEY)
 
@@ -63,9 +64,13 @@ def load_eval_results(path) -> tuple[dict, dict]:
         raise ValueError(f"eval_results {path} has no 'runs' list (see RESULTS_SCHEMA)")
     plots = {}
     for name in (results.get("plots") or {}).values():
-        plot = path.parent / name
+        plot = path.parent / str(name)
+        if plot.suffix.lower() not in PLOT_SUFFIXES:  # never config.json, a weight or a tokenizer file
+            raise ValueError(f"eval_results plots must be images ({', '.join(PLOT_SUFFIXES)}), got {name!r}")
         if not plot.is_file():
             raise ValueError(f"eval_results names a plot that does not exist: {plot}")
+        if plot.name in plots:  # every plot is written under its file name into the checkpoint's top folder
+            raise ValueError(f"eval_results names two plots called {plot.name!r}; give them different file names")
         plots[plot.name] = plot
     return results, plots
 

@@ -401,6 +401,22 @@ def test_transformers_4_source_config_gives_the_same_model(tmp_path):
     assert all(results.values()), results
 
 
+def test_eval_plots_must_be_uniquely_named_images_that_do_not_hide_src_files(tmp_path):
+    src = make_source(tmp_path / "src")
+    (src / "logo.png").write_bytes(b"the source's logo")
+    evaluation = tmp_path / "eval"
+    (evaluation / "a").mkdir(parents=True)
+    for name in ("tokenizer.json", "ppl.png", "a/ppl.png", "logo.png"):
+        (evaluation / name).write_bytes(b"plot")
+    before = snapshot(src)
+    for plots, message in (({"x": "tokenizer.json"}, "must be images"), ({"x": "ppl.png", "y": "a/ppl.png"}, "two plots"),
+                           ({"x": "logo.png"}, "clash with files of src: logo.png")):
+        (evaluation / "results.json").write_text(json.dumps({"runs": [], "plots": plots}))
+        with pytest.raises(ValueError, match=message):
+            extend_checkpoint(src, tmp_path / "out", "yarn", 2, eval_results=evaluation / "results.json")
+    assert snapshot(src) == before and not (tmp_path / "out").exists()
+
+
 def test_in_place_never_writes_into_a_linked_file(tmp_path):
     """Re-running in place with new plots replaces the plot file; it never writes into the old inode."""
     src = make_source(tmp_path / "src")
