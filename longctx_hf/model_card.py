@@ -36,12 +36,15 @@ def repo_id_in(config: dict) -> str | None:
     return name if isinstance(name, str) and looks_like_repo_id(name) else None
 
 
+FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*(\n|$)", re.DOTALL)
+BASE_CARD_HEADING = "## Base model card"
+
+
 def front_matter(card_file: Path) -> dict:
     """The YAML metadata of an existing model card, or {} when there is none."""
     if not card_file.is_file():
         return {}
-    text = card_file.read_text(encoding="utf-8", errors="replace")
-    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
+    match = FRONT_MATTER.match(card_file.read_text(encoding="utf-8", errors="replace"))
     if not match:
         return {}
     try:
@@ -49,6 +52,20 @@ def front_matter(card_file: Path) -> dict:
     except yaml.YAMLError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def base_card_body(card_file: Path, metadata: dict) -> str:
+    """The source card's text without its front matter (its intended use, limits, citation...). When the source is
+    itself a longctx-hf output (re-extension), only the base card it carried, so cards never nest."""
+    if not card_file.is_file():
+        return ""
+    text = card_file.read_text(encoding="utf-8", errors="replace")
+    match = FRONT_MATTER.match(text)
+    body = text[match.end():] if match else text
+    if "longctx-hf" in (metadata.get("tags") or []):
+        _, found, body = body.partition(BASE_CARD_HEADING + "\n")
+        body = body if found else ""
+    return body.strip()
 
 
 def load_eval_results(path) -> tuple[dict, dict]:
@@ -80,22 +97,28 @@ def render(config: dict, *, base_model=None, source_card=None, eval_results=None
     """The full README.md text for an extended checkpoint whose (new) config dict is `config`."""
     info = hf_config.describe(config)
     source = front_matter(Path(source_card)) if source_card else {}
+    base_model = base_model or source.get("base_model")  # the source's own lineage, when its id is unknown
     metadata = {"library_name": "transformers"}
     if base_model:
         metadata["base_model"] = base_model
     if source.get("license"):
         metadata["license"] = source["license"]
-        if source.get("license_name"):
-            metadata["license_name"] = source["license_name"]
+        for key in ("license_name", "license_link"):  # license: other needs both on the Hub
+            if source.get(key):
+                metadata[key] = source[key]
     metadata["tags"] = ["longctx-hf", info.method, "long-context"]
     body = [_summary(info, base_model), _config_snippet(config), _how_to_load(name, remote_code),
             "## Fine-tuning\n\n" + FINE_TUNING.get(info.method, "See the longctx-hf README for this method.")]
     if eval_results:
         body.append(_evaluation(eval_results, plots or {}))
+    base_card = base_card_body(Path(source_card), source) if source_card else ""
+    if base_card:
+        body.append(f"{BASE_CARD_HEADING}\n\n{base_card}")
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + "\n\n".join(body) + "\n"
 
 
 def _summary(info, base_model) -> str:
+    base_model = base_model if isinstance(base_model, str) else None  # a card's base_model may be a list
     options = ", ".join(f"{k}={v}" for k, v in info.options.items()) or "defaults"
     origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "The source checkpoint"
     lines = [

@@ -349,6 +349,20 @@ def test_model_card_parses_and_carries_license_base_model_and_evaluation(tmp_pat
     assert (dst / "ppl_vs_length.png").read_bytes() == png
 
 
+def test_model_card_keeps_the_source_card_and_its_lineage(tmp_path):
+    src = make_source(tmp_path / "src")
+    (src / "README.md").write_text("---\nlicense: other\nlicense_name: llama3\nlicense_link: LICENSE\n"
+                                   "base_model: meta-llama/Llama-3.1-8B\n---\n# Source\n\nIntended use: chat.\n")
+    extend_checkpoint(src, None, "yarn", 2, in_place=True)
+    extend_checkpoint(src, None, "ntk", 2, in_place=True)  # re-extension: the base card is carried, not nested
+    card = ModelCard.load(src / "README.md")
+    data = card.data.to_dict()
+    assert (data["license"], data["license_name"], data["license_link"]) == ("other", "llama3", "LICENSE")
+    assert data["base_model"] == "meta-llama/Llama-3.1-8B" and "ntk" in data["tags"]
+    assert card.text.count("## Base model card") == 1 and card.text.count("Intended use: chat.") == 1
+    assert card.text.index("## Base model card") < card.text.index("Intended use: chat.")
+
+
 def test_info_on_a_config_file_and_json(tmp_path):
     src = make_source(tmp_path / "src")
     extend_checkpoint(src, tmp_path / "out", "dynamic_ntk", 3)
