@@ -44,3 +44,16 @@ def install(model, attn_name: str, remote_code: dict) -> None:
     keep_alibi_on_switch(model)
     model._longctx_remote_code = dict(remote_code)
     model.save_pretrained = types.MethodType(_save_with_remote_code, model)
+
+
+def alibi_model_from_config(config, max_length=None, **from_config_kwargs):
+    """A freshly initialised causal LM with ALiBi instead of RoPE, for training from scratch (e.g. a LlamaConfig).
+
+    Built by the same patcher as a loaded model, so it saves and reloads exactly like one.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .patch import extend_context
+
+    model = AutoModelForCausalLM.from_config(config, **from_config_kwargs)
+    return extend_context(model, "alibi", max_length=max_length)
