@@ -5,7 +5,7 @@ import importlib.util
 import sys
 
 __version__ = "0.1.0"
-__all__ = ["extend_context", "context_info", "ContextInfo", "METHODS"]
+__all__ = ["extend_context", "context_info", "ContextInfo", "METHODS", "alibi_model_from_config"]
 
 
 def __getattr__(name):
@@ -18,6 +18,10 @@ def __getattr__(name):
         from .hf_config import ContextInfo
 
         return ContextInfo
+    if name == "alibi_model_from_config":
+        from .attention import alibi_model_from_config
+
+        return alibi_model_from_config
     if name == "METHODS":
         from .methods import METHODS
 
