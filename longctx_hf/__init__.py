@@ -1,8 +1,12 @@
 """longctx_hf: extend the context window of HuggingFace Transformers models, exactly and portably."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 __version__ = "0.1.0"
-__all__ = ["extend_context", "context_info", "ContextInfo", "METHODS", "extend_checkpoint", "push_to_hub"]
+__all__ = ["extend_context", "context_info", "ContextInfo", "METHODS", "extend_checkpoint", "push_to_hub",
+           "alibi_model_from_config"]
 
 
 def __getattr__(name):
@@ -23,8 +27,43 @@ def __getattr__(name):
         from .hf_config import ContextInfo
 
         return ContextInfo
+    if name == "alibi_model_from_config":
+        from .attention import alibi_model_from_config
+
+        return alibi_model_from_config
     if name == "METHODS":
         from .methods import METHODS
 
         return METHODS
     raise AttributeError(f"module 'longctx_hf' has no attribute {name!r}")
+
+
+def _register_with_transformers():
+    """ALiBi checkpoints then load without trust_remote_code: registers the rope type and attention functions."""
+    from .remote import alibi_modeling  # noqa: F401  (registers on import)
+
+
+class _RegisterAfterTransformersImport:
+    """Registers as soon as transformers is imported, so `import longctx_hf` itself stays free of torch."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            _register_with_transformers()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "transformers" in sys.modules:
+    _register_with_transformers()
+elif not any(isinstance(finder, _RegisterAfterTransformersImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterTransformersImport())

@@ -171,6 +171,10 @@ def config_changes(config: dict, method, spec, pretrained: Pretrained) -> dict:
             "options": spec.options(),
         },
     }
+    if hasattr(method, "AUTO_MAP"):  # methods that need the modeling code shipped in the checkpoint
+        changes["auto_map"] = {**(config.get("auto_map") or {}), **method.AUTO_MAP}
+    if hasattr(method, "SAVED_ATTENTION"):  # read back by from_pretrained as the attention implementation
+        changes["attn_implementation"] = method.SAVED_ATTENTION
     if "head_dim" in config and config["head_dim"] is None and config.get("num_attention_heads"):
         # transformers' yarn/dynamic read `getattr(config, "head_dim", default)`, which an explicit None defeats.
         changes["head_dim"] = config["hidden_size"] // config["num_attention_heads"]

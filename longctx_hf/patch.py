@@ -54,6 +54,12 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
     rotaries, config = _rotary_modules(model)
     module = methods.get_method(method)
     current = config.to_dict()
+    if getattr(module, "KIND", "rope") == "attention_bias":
+        return _extend_with_attention_bias(model, module, rotaries, config, factor, target_length,
+                                           original_max_position_embeddings, options)
+    if hf_config.rope_parameters_of(current)["rope_type"] == "alibi":
+        raise ValueError(f"this model uses ALiBi (no rotary), so method {module.NAME!r} does not apply; ALiBi "
+                         "extrapolates as it is: extend_context(model, 'alibi', max_length=...) sets its length")
     pretrained = hf_config.pretrained_rope(current, original_max_position_embeddings)
     factor = hf_config.factor_from(factor, target_length, pretrained.max_position_embeddings)
     spec = methods.build_spec(module, factor=factor, rope_theta=pretrained.rope_theta,
@@ -77,6 +83,44 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
     hf_config.apply_to_config(config, changes)
     for rotary in rotaries:
         _install(rotary, fresh, device)
+    return model
+
+
+def _extend_with_attention_bias(model, module, rotaries, config, factor, target_length,
+                                original_max_position_embeddings, options):
+    """Attention-bias methods (ALiBi): rotary turned off through its rope type, attention functions swapped.
+
+    Same order as the RoPE path: validate everything and build the new rotary from a config copy first, then
+    write config, buffers and the attention implementation.
+    """
+    from . import attention
+
+    if factor is not None or target_length is not None:
+        raise ValueError(f"factor/target_length are not used by method {module.NAME!r} (it extrapolates without "
+                         "rescaling anything); give max_length=<tokens> to set the advertised context")
+    methods.check_options(module, options)
+    attention.check_supported(model, config)
+    current = config.to_dict()
+    pretrained = hf_config.pretrained_rope(current, original_max_position_embeddings)
+    spec = module.Spec(rope_theta=pretrained.rope_theta,
+                       original_max_position_embeddings=pretrained.max_position_embeddings, **options)
+    changes = hf_config.config_changes(current, module, spec, pretrained)
+    attn_name = attention.alibi_attention_name(config._attn_implementation)
+
+    new_config = copy.deepcopy(config)
+    try:
+        hf_config.apply_to_config(new_config, changes)
+        fresh = _fresh_rotary(rotaries[0], new_config, rotaries[0].inv_freq.device)
+    except Exception as err:
+        raise ValueError(f"{type(config).__name__} cannot switch its rotary off through rope_type "
+                         f"{module.HF_ROPE_TYPE!r} ({err}); ALiBi needs a standard transformers decoder") from err
+    if fresh.inv_freq.count_nonzero() or float(getattr(fresh, "attention_scaling", 1.0)) != 1.0:
+        raise RuntimeError(f"{type(fresh).__name__} does not turn into an identity rotary; refusing to patch")
+
+    hf_config.apply_to_config(config, changes)
+    for rotary in rotaries:
+        _install(rotary, fresh, rotary.inv_freq.device)
+    attention.install(model, attn_name, module.remote_code_files(spec))
     return model
 
 

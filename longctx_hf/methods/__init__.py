@@ -3,14 +3,17 @@
 A method module provides NAME, ALIASES, HF_ROPE_TYPE, a frozen `Spec` dataclass (validated on construction),
 `frequencies(spec, seq_len) -> (inv_freq float32, attention_scaling)`, `rope_parameters(spec)` (the
 transformers-5 config dict) and `max_position_embeddings(spec)`. Adding a method = adding a module here.
+Attention-bias methods (KIND = "attention_bias", e.g. alibi) have no frequencies: they disable the rotary and
+provide attention functions; a method MAY define `remote_code_files(spec) -> {file name: source}` for checkpoints
+that need trust_remote_code.
 """
 from __future__ import annotations
 
 import difflib
 
-from . import dynamic_ntk, ntk, pi, yarn
+from . import alibi, dynamic_ntk, ntk, pi, yarn
 
-METHODS = {module.NAME: module for module in (pi, ntk, dynamic_ntk, yarn)}
+METHODS = {module.NAME: module for module in (pi, ntk, dynamic_ntk, yarn, alibi)}
 ALIASES = {alias: module.NAME for module in METHODS.values() for alias in module.ALIASES}
 
 
@@ -28,8 +31,8 @@ def get_method(name):
     return METHODS[key]
 
 
-def build_spec(method, *, factor, rope_theta, rotary_dim, original_max_position_embeddings, options: dict):
-    """Validate `options` against the method's own option names, then build its Spec (which validates values)."""
+def check_options(method, options: dict):
+    """A ValueError naming every option the method does not take (with a did-you-mean hint)."""
     allowed = method.Spec.option_names()
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -39,6 +42,11 @@ def build_spec(method, *, factor, rope_theta, rotary_dim, original_max_position_
             hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         takes = ", ".join(allowed) if allowed else "no options"
         raise ValueError(f"unknown option(s) for method {method.NAME!r}: {', '.join(hints)}; it takes {takes}")
+
+
+def build_spec(method, *, factor, rope_theta, rotary_dim, original_max_position_embeddings, options: dict):
+    """Validate `options` against the method's own option names, then build its Spec (which validates values)."""
+    check_options(method, options)
     return method.Spec(
         factor=factor,
         rope_theta=rope_theta,
