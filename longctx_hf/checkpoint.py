@@ -44,12 +44,10 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     else:  # only the config, not the weights, yet
         config_file, commit = _fetch_hub_config(hub_id, revision)
         config = _read_config(config_file)
-    pretrained = hf_config.pretrained_rope(config, original_max_position_embeddings)
-    factor = hf_config.factor_from(factor, target_length, pretrained.max_position_embeddings)
-    spec = methods.build_spec(module, factor=factor, rope_theta=pretrained.rope_theta,
-                              rotary_dim=hf_config.rotary_dim_of(config),
-                              original_max_position_embeddings=pretrained.max_position_embeddings, options=options)
-    new_config = hf_config.apply_to_dict(config, hf_config.config_changes(config, module, spec, pretrained))
+    spec, changes = hf_config.plan_extension(config, module, factor=factor, target_length=target_length,
+                                             original_max_position_embeddings=original_max_position_embeddings,
+                                             options=options)
+    new_config = hf_config.apply_to_dict(config, changes)
     remote_files = module.remote_code_files(spec) if hasattr(module, "remote_code_files") else {}
     results, plots = model_card.load_eval_results(eval_results) if eval_results is not None else (None, {})
 

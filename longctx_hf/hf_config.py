@@ -130,6 +130,33 @@ def rotary_dim_of(config: dict) -> int:
     return 2 * ((dim + 1) // 2)
 
 
+def plan_extension(config: dict, method, *, factor, target_length, original_max_position_embeddings, options: dict,
+                   rotary_dim: int | None = None):
+    """The validated Spec and config change set for extending `config` with `method` (a method module).
+
+    One function for the in-memory patcher and the offline checkpoint rewriter, so both write the same config.
+    `rotary_dim` is the live model's when known; otherwise it is read from the config (RoPE methods only).
+    """
+    pretrained = pretrained_rope(config, original_max_position_embeddings)
+    if getattr(method, "KIND", "rope") == "attention_bias":
+        if factor is not None or target_length is not None:
+            raise ValueError(f"factor/target_length are not used by method {method.NAME!r} (it extrapolates without "
+                             "rescaling anything); give max_length=<tokens> to set the advertised context")
+        methods.check_options(method, options)
+        spec = method.Spec(rope_theta=pretrained.rope_theta,
+                           original_max_position_embeddings=pretrained.max_position_embeddings, **options)
+    else:
+        if rope_parameters_of(config)["rope_type"] == "alibi":
+            raise ValueError(f"this model uses ALiBi (no rotary), so method {method.NAME!r} does not apply; ALiBi "
+                             "extrapolates as it is: extend_context(model, 'alibi', max_length=...) sets its length")
+        factor = factor_from(factor, target_length, pretrained.max_position_embeddings)
+        spec = methods.build_spec(method, factor=factor, rope_theta=pretrained.rope_theta,
+                                  rotary_dim=rotary_dim if rotary_dim is not None else rotary_dim_of(config),
+                                  original_max_position_embeddings=pretrained.max_position_embeddings,
+                                  options=options)
+    return spec, config_changes(config, method, spec, pretrained)
+
+
 def factor_from(factor, target_length, pretrained_length: int) -> float:
     """The factor relative to the pretrained length, from exactly one of `factor` or `target_length`."""
     if (factor is None) == (target_length is None):

@@ -57,15 +57,9 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
     if getattr(module, "KIND", "rope") == "attention_bias":
         return _extend_with_attention_bias(model, module, rotaries, config, factor, target_length,
                                            original_max_position_embeddings, options)
-    if hf_config.rope_parameters_of(current)["rope_type"] == "alibi":
-        raise ValueError(f"this model uses ALiBi (no rotary), so method {module.NAME!r} does not apply; ALiBi "
-                         "extrapolates as it is: extend_context(model, 'alibi', max_length=...) sets its length")
-    pretrained = hf_config.pretrained_rope(current, original_max_position_embeddings)
-    factor = hf_config.factor_from(factor, target_length, pretrained.max_position_embeddings)
-    spec = methods.build_spec(module, factor=factor, rope_theta=pretrained.rope_theta,
-                              rotary_dim=2 * rotaries[0].inv_freq.numel(),
-                              original_max_position_embeddings=pretrained.max_position_embeddings, options=options)
-    changes = hf_config.config_changes(current, module, spec, pretrained)
+    spec, changes = hf_config.plan_extension(current, module, factor=factor, target_length=target_length,
+                                             original_max_position_embeddings=original_max_position_embeddings,
+                                             options=options, rotary_dim=2 * rotaries[0].inv_freq.numel())
 
     new_config = copy.deepcopy(config)
     try:
@@ -95,16 +89,10 @@ def _extend_with_attention_bias(model, module, rotaries, config, factor, target_
     """
     from . import attention
 
-    if factor is not None or target_length is not None:
-        raise ValueError(f"factor/target_length are not used by method {module.NAME!r} (it extrapolates without "
-                         "rescaling anything); give max_length=<tokens> to set the advertised context")
-    methods.check_options(module, options)
+    spec, changes = hf_config.plan_extension(config.to_dict(), module, factor=factor, target_length=target_length,
+                                             original_max_position_embeddings=original_max_position_embeddings,
+                                             options=options)
     attention.check_supported(model, config)
-    current = config.to_dict()
-    pretrained = hf_config.pretrained_rope(current, original_max_position_embeddings)
-    spec = module.Spec(rope_theta=pretrained.rope_theta,
-                       original_max_position_embeddings=pretrained.max_position_embeddings, **options)
-    changes = hf_config.config_changes(current, module, spec, pretrained)
     attn_name = attention.alibi_attention_name(config._attn_implementation)
 
     new_config = copy.deepcopy(config)

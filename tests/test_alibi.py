@@ -273,3 +273,24 @@ def test_refuses_models_it_cannot_make_alibi():
         extend_context(model, "yarn", 2)
     with pytest.raises(ValueError, match="attn_implementation must be one of"):
         model.set_attn_implementation("flash_attention_3")
+
+
+def test_offline_extend_writes_the_same_alibi_checkpoint(tmp_path):
+    """`longctx-hf extend --method alibi` (no weights loaded) gives the in-memory path's config and modeling file,
+    and a process where longctx_hf is not importable reloads it to the same logits."""
+    from longctx_hf import extend_checkpoint
+
+    base = tiny_model("mistral", **GQA)
+    base.save_pretrained(tmp_path / "src")
+    extend_checkpoint(tmp_path / "src", tmp_path / "offline", "alibi", max_length=2048)
+    model = extend_context(base, "alibi", max_length=2048)
+    model.save_pretrained(tmp_path / "memory")
+    for name in ("config.json", "alibi_modeling.py"):
+        assert (tmp_path / "offline" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes(), name
+    assert json.loads((tmp_path / "offline" / "config.json").read_text())["max_position_embeddings"] == 2048
+
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(5))
+    torch.save({"ids": ids, "logits": logits(model, ids)}, tmp_path / "offline" / "expected.pt")
+    out = run_child(CHILD_WITHOUT_LONGCTX, str(tmp_path / "offline"), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2] == "True"
