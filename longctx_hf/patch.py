@@ -37,6 +37,12 @@ def _rotary_modules(model):
     return found, found[0].config
 
 
+def _rotary_dim(rotary) -> int:
+    """The rotary dimension of a live rotary module (per-layer-type modules name their buffers `<type>_inv_freq`)."""
+    inv_freq = next(buffer for name, buffer in rotary.named_buffers(recurse=False) if name.endswith("inv_freq"))
+    return 2 * inv_freq.numel()
+
+
 def _fresh_rotary(rotary, config, device):
     """A rotary module of the model's own class built from `config`, as from_pretrained would build it."""
     build_device = torch.device("cpu") if device.type == "meta" else device
@@ -59,7 +65,7 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
                                            original_max_position_embeddings, options)
     spec, changes = hf_config.plan_extension(current, module, factor=factor, target_length=target_length,
                                              original_max_position_embeddings=original_max_position_embeddings,
-                                             options=options, rotary_dim=2 * rotaries[0].inv_freq.numel())
+                                             options=options, rotary_dim=_rotary_dim(rotaries[0]))
 
     new_config = copy.deepcopy(config)
     try:
