@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["extend_context", "context_info", "ContextInfo", "METHODS"]
+__all__ = ["extend_context", "context_info", "from_pretrained", "ContextInfo", "METHODS"]
 
 
 def __getattr__(name):
     # Lazy so that config-only entry points (`longctx-hf info`) never import torch or transformers.
-    if name in ("extend_context", "context_info"):
+    if name in ("extend_context", "context_info", "from_pretrained"):
         from . import patch
 
         return getattr(patch, name)

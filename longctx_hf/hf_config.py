@@ -98,6 +98,7 @@ def config_changes(config: dict, method, spec, pretrained: Pretrained) -> dict:
             "options": spec.options(),
         },
     }
+    changes.update(_auto_map_changes(config, method, spec))
     if "head_dim" in config and config["head_dim"] is None and config.get("num_attention_heads"):
         # transformers' yarn/dynamic read `getattr(config, "head_dim", default)`, which an explicit None defeats.
         changes["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
@@ -105,6 +106,17 @@ def config_changes(config: dict, method, spec, pretrained: Pretrained) -> dict:
         # Phi3-style configs: transformers 5 gives this top-level key priority over rope_parameters.
         changes["original_max_position_embeddings"] = pretrained.max_position_embeddings
     return changes
+
+
+def _auto_map_changes(config: dict, method, spec) -> dict:
+    """Point `auto_map` at the method's remote code, or drop entries an earlier extension of ours wrote."""
+    ours = {module.REMOTE_CLASS for module in methods.METHODS.values() if hasattr(module, "REMOTE_CLASS")}
+    current = dict(config.get("auto_map") or {})
+    kept = {key: value for key, value in current.items() if value not in ours}
+    wanted = {**kept, **(method.auto_map(spec) if hasattr(method, "auto_map") else {})}
+    if wanted == current:
+        return {}
+    return {"auto_map": wanted or DELETE}
 
 
 def apply_to_dict(config: dict, changes: dict) -> dict:

@@ -3,14 +3,16 @@
 A method module provides NAME, ALIASES, HF_ROPE_TYPE, a frozen `Spec` dataclass (validated on construction),
 `frequencies(spec, seq_len) -> (inv_freq float32, attention_scaling)`, `rope_parameters(spec)` (the
 transformers-5 config dict) and `max_position_embeddings(spec)`. Adding a method = adding a module here.
+A method without a native transformers form MAY define `remote_code_files(spec) -> {file name: source}` (written
+beside config.json) and `auto_map(spec)` (the config's `auto_map` entries pointing at those files).
 """
 from __future__ import annotations
 
 import difflib
 
-from . import dynamic_ntk, ntk, pi, yarn
+from . import dynamic_ntk, dynamic_yarn, ntk, pi, yarn
 
-METHODS = {module.NAME: module for module in (pi, ntk, dynamic_ntk, yarn)}
+METHODS = {module.NAME: module for module in (pi, ntk, dynamic_ntk, yarn, dynamic_yarn)}
 ALIASES = {alias: module.NAME for module in METHODS.values() for alias in module.ALIASES}
 
 
