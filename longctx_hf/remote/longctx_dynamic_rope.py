@@ -61,19 +61,20 @@ def compute_dynamic_yarn_parameters(config, device=None, seq_len=None, layer_typ
     dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
     n = original if seq_len is None else int(seq_len)
     scale = max(1.0, n / original)
+    if scale <= 1:  # plain RoPE, computed exactly as transformers' default rope does (same float32 bits)
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+        return 1.0 / (base ** exponents), 1.0
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
 
-    exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
-    inv_freq = 1.0 / (base ** exponents)
-    if scale > 1:
-        def dim_for(rotations):
-            return dim * math.log(original / (2 * math.pi * rotations)) / (2 * math.log(base))
+    def dim_for(rotations):
+        return dim * math.log(original / (2 * math.pi * rotations)) / (2 * math.log(base))
 
-        low = max(math.floor(dim_for(beta_fast)), 0)
-        high = min(math.ceil(dim_for(beta_slow)), dim - 1)
-        if high == low:
-            high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float64, device=device) - low) / (high - low)).clamp(0, 1)
-        inv_freq = inv_freq / scale * ramp + inv_freq * (1 - ramp)
+    low = max(math.floor(dim_for(beta_fast)), 0)
+    high = min(math.ceil(dim_for(beta_slow)), dim - 1)
+    if high == low:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device=device) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / scale * ramp + inv_freq * (1 - ramp)
     return inv_freq.to(torch.float32), _yarn_mscale(scale)
 
 
@@ -155,7 +156,18 @@ class DynamicRopeRuntime:
         if attention_mask is not None and (attention_mask.ndim != 4 or attention_mask.shape[-1] != length):
             raise RuntimeError(f"unexpected attention mask of shape {tuple(attention_mask.shape)} for {length} keys")
         outputs = []
-        for t in range(queries):
+        # leading queries that are within L in every row share the pretrained frequencies: one call for all of them
+        first = int((lengths > self.original_length).any(dim=0).float().argmax())
+        if first:
+            limit = length - queries + first
+            cos, sin = self.cos_sin(key_positions[:, :limit], lengths[:, first - 1], key.dtype)
+            mask = None if attention_mask is None else attention_mask[:, :, :first, :limit]
+            output, _ = self.base_attention(module, self.rotate(query[:, :, :first], cos[..., -first:, :],
+                                                                sin[..., -first:, :]),
+                                            self.rotate(key[:, :, :limit], cos, sin), value[:, :, :limit], mask,
+                                            **kwargs)
+            outputs.append(output)
+        for t in range(first, queries):
             limit = length - queries + t + 1  # the keys query t may see
             cos, sin = self.cos_sin(key_positions[:, :limit], lengths[:, t], key.dtype)
             mask = None if attention_mask is None else attention_mask[:, :, t : t + 1, :limit]
