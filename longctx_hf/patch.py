@@ -149,5 +149,7 @@ def context_info(model_or_config) -> ContextInfo:
     rotaries, config = _rotary_modules(model_or_config)
     info = hf_config.describe(config.to_dict())
     scaling = float(getattr(rotaries[0], "attention_scaling", 1.0))
+    if config.rope_parameters.get("rope_type") in dynamic_runtime.DYNAMIC_ROPE_TYPES:
+        scaling = info.attention_scaling  # the rotary module is the identity; the value at the extended length
     return ContextInfo(info.method, info.factor, info.pretrained_length, info.extended_length, scaling,
                        info.rope_theta, info.options, info.loads_with_plain_transformers, info.warnings)

@@ -163,6 +163,13 @@ def test_refuses_attention_it_cannot_wrap_before_touching_the_model():
     assert model.config.to_dict() == before and model.config._attn_implementation == "flex_attention"
 
 
+def test_refuses_static_cache():
+    model = extended("llama", "dynamic_ntk")
+    with pytest.raises(ValueError, match="DynamicCache"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2, cache_implementation="static",
+                       pad_token_id=0)
+
+
 def test_reextending_with_a_static_method_removes_the_runtime(tmp_path):
     model = extend_context(extended("llama", "dynamic_yarn"), "yarn", 4)
     fresh = extend_context(tiny_model("llama", max_position_embeddings=L), "yarn", 4)

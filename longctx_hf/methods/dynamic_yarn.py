@@ -44,6 +44,12 @@ def frequencies(spec: Spec, seq_len: int | None = None, device=None):
     return yarn.frequencies(static, device=device)
 
 
+def attention_scaling(spec: Spec) -> float:
+    """The temperature at the extended length L·factor (it grows with the length: 1 up to L)."""
+    return yarn.attention_scaling(yarn.Spec(factor=spec.factor, rope_theta=spec.rope_theta, rotary_dim=2,
+                                            original_max_position_embeddings=spec.original_max_position_embeddings))
+
+
 def rope_parameters(spec: Spec) -> dict:
     return {
         "rope_type": HF_ROPE_TYPE,

@@ -275,13 +275,28 @@ def activate(model):
     if runtime is None:
         raise ValueError(f"{type(model).__name__}: no attention module (with layer_idx) shares the rotary config")
     config._attn_implementation_internal = ATTENTION_PREFIX + base
+    model._longctx_cache_check = model.register_forward_pre_hook(_refuse_static_caches, with_kwargs=True)
     if rope_type == "dynamic_yarn":
         _save_remote_code_with(model)
     return model
 
 
+def _refuse_static_caches(model, args, kwargs):
+    """Static / quantized / offloaded caches return a fixed-size key buffer, where the last key is not the query."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, Cache) and not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        raise ValueError(f"cache-exact dynamic RoPE supports DynamicCache (the default) only, got layers {kinds}; "
+                         "do not pass cache_implementation to generate")
+
+
 def deactivate(model):
     """Undo `activate` on the attention side (the caller rebuilds the rotary module)."""
+    handle = model.__dict__.pop("_longctx_cache_check", None)
+    if handle is not None:
+        handle.remove()
     config = getattr(model, "config", None)
     for module in model.modules():
         if hasattr(module, RUNTIME_ATTRIBUTE):
