@@ -170,6 +170,18 @@ def test_refuses_static_cache():
                        pad_token_id=0)
 
 
+def test_refuses_attention_switched_after_extension():
+    model = extended("llama", "dynamic_yarn")
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="without positions"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    extend_context(model, "dynamic_yarn", 4)  # wraps eager now
+    assert model.config._attn_implementation == "longctx_dynamic_rope:eager"
+    with torch.no_grad():
+        assert torch.allclose(model(torch.arange(100)[None] % 128).logits,
+                              extended("llama", "dynamic_yarn")(torch.arange(100)[None] % 128).logits, atol=1e-5)
+
+
 def test_reextending_with_a_static_method_removes_the_runtime(tmp_path):
     model = extend_context(extended("llama", "dynamic_yarn"), "yarn", 4)
     fresh = extend_context(tiny_model("llama", max_position_embeddings=L), "yarn", 4)

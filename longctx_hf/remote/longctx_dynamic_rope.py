@@ -275,16 +275,21 @@ def activate(model):
     if runtime is None:
         raise ValueError(f"{type(model).__name__}: no attention module (with layer_idx) shares the rotary config")
     config._attn_implementation_internal = ATTENTION_PREFIX + base
-    model._longctx_cache_check = model.register_forward_pre_hook(_refuse_static_caches, with_kwargs=True)
+    model._longctx_cache_check = model.register_forward_pre_hook(_check_forward, with_kwargs=True)
     if rope_type == "dynamic_yarn":
         _save_remote_code_with(model)
     return model
 
 
-def _refuse_static_caches(model, args, kwargs):
-    """Static / quantized / offloaded caches return a fixed-size key buffer, where the last key is not the query."""
+def _check_forward(model, args, kwargs):
+    """Refuse what would silently lose positions: another attention implementation set after activation (the
+    rotary module is the identity), or a static cache (a fixed-size key buffer whose last key is not the query)."""
     from transformers.cache_utils import Cache, DynamicLayer
 
+    implementation = _rotary_modules(model)[0].config._attn_implementation or ""
+    if not implementation.startswith(ATTENTION_PREFIX):
+        raise ValueError(f"attention implementation {implementation!r} was set after cache-exact dynamic RoPE was "
+                         "installed; it would run without positions. Call extend_context (or activate) again")
     cache = kwargs.get("past_key_values")
     if isinstance(cache, Cache) and not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
         kinds = sorted({type(layer).__name__ for layer in cache.layers})
