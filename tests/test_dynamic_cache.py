@@ -43,7 +43,7 @@ def recompute(model, sequence, prompt_length):
     forwards of a few prefixes (each token depends only on the tokens before it, so both must agree)."""
     with torch.no_grad():
         full = model(sequence[None], use_cache=False).logits[0, prompt_length - 1 : -1]
-        for step in range(0, len(full), 16):
+        for step in range(0, len(full), 32):
             n = prompt_length + step
             prefix = model(sequence[None, :n], use_cache=False).logits[0, -1]
             assert (prefix - full[step]).abs().max().item() <= TOL
@@ -161,6 +161,13 @@ def test_refuses_attention_it_cannot_wrap_before_touching_the_model():
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         extend_context(model, "dynamic_yarn", 4)
     assert model.config.to_dict() == before and model.config._attn_implementation == "flex_attention"
+
+
+def test_gradients_flow_past_pretrained_length():
+    model = extended("llama", "dynamic_yarn").train()
+    loss = model(torch.arange(3 * L)[None] % 128, labels=torch.arange(3 * L)[None] % 128).loss
+    loss.backward()
+    assert model.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
 
 
 def test_refuses_static_cache():

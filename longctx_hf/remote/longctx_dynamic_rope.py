@@ -118,9 +118,10 @@ class DynamicRopeRuntime:
         """Rotate the first rotary_dim channels of (batch, heads, length, head_dim) states, as transformers does.
 
         `fused` (used past L, where no transformers result has to be matched bit for bit) writes into one output
-        with multiply-add kernels: ~1.5x faster than transformers' formula, equal to it up to float rounding."""
+        with multiply-add kernels: ~1.5x faster than transformers' formula, equal to it up to float rounding.
+        Out= kernels have no autograd, so training forwards take transformers' formula."""
         half = cos.shape[-1]
-        if fused and not self.interleaved:
+        if fused and not self.interleaved and not (torch.is_grad_enabled() and states.requires_grad):
             out = torch.empty_like(states)
             x1, x2, o1, o2 = states[..., :half], states[..., half : 2 * half], out[..., :half], out[..., half : 2 * half]
             torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
