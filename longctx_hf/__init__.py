@@ -5,13 +5,13 @@ import importlib.util
 import sys
 
 __version__ = "0.1.0"
-__all__ = ["extend_context", "context_info", "ContextInfo", "METHODS", "extend_checkpoint", "push_to_hub",
-           "alibi_model_from_config"]
+__all__ = ["extend_context", "context_info", "from_pretrained", "ContextInfo", "METHODS", "extend_checkpoint",
+           "push_to_hub", "alibi_model_from_config"]
 
 
 def __getattr__(name):
     # Lazy so that config-only entry points (`longctx-hf info`) never import torch or transformers.
-    if name in ("extend_context", "context_info"):
+    if name in ("extend_context", "context_info", "from_pretrained"):
         from . import patch
 
         return getattr(patch, name)

@@ -198,8 +198,7 @@ def config_changes(config: dict, method, spec, pretrained: Pretrained) -> dict:
             "options": spec.options(),
         },
     }
-    if hasattr(method, "AUTO_MAP"):  # methods that need the modeling code shipped in the checkpoint
-        changes["auto_map"] = {**(config.get("auto_map") or {}), **method.AUTO_MAP}
+    changes.update(_auto_map_changes(config, method, spec))
     if hasattr(method, "SAVED_ATTENTION"):  # read back by from_pretrained as the attention implementation
         changes["attn_implementation"] = method.SAVED_ATTENTION
     if "head_dim" in config and config["head_dim"] is None and config.get("num_attention_heads"):
@@ -212,6 +211,17 @@ def config_changes(config: dict, method, spec, pretrained: Pretrained) -> dict:
         # Phi3-style configs: transformers 5 gives this top-level key priority over rope_parameters.
         changes["original_max_position_embeddings"] = pretrained.max_position_embeddings
     return changes
+
+
+def _auto_map_changes(config: dict, method, spec) -> dict:
+    """Point `auto_map` at the method's remote code, or drop entries an earlier extension of ours wrote."""
+    ours = {module.REMOTE_CLASS for module in methods.METHODS.values() if hasattr(module, "REMOTE_CLASS")}
+    current = dict(config.get("auto_map") or {})
+    kept = {key: value for key, value in current.items() if value not in ours}
+    wanted = {**kept, **(method.auto_map(spec) if hasattr(method, "auto_map") else {})}
+    if wanted == current:
+        return {}
+    return {"auto_map": wanted or DELETE}
 
 
 def apply_to_dict(config: dict, changes: dict) -> dict:

@@ -13,6 +13,7 @@ import torch
 
 from . import hf_config, methods
 from .hf_config import ContextInfo
+from .remote import longctx_dynamic_rope as dynamic_runtime  # registers rope_type 'dynamic_yarn' on import
 
 FORMULA_RTOL = 2e-6  # transformers computes in float32; the paper formula here in float64
 
@@ -79,10 +80,31 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
         raise ValueError(f"cannot rebuild {type(rotaries[0]).__name__} from its config ({err}); "
                          "this model does not follow the standard transformers RoPE layout") from err
     _check_against_formula(module, spec, fresh)
+    cache_exact = module.HF_ROPE_TYPE in dynamic_runtime.DYNAMIC_ROPE_TYPES
+    if cache_exact:
+        dynamic_runtime.check_supported(model, fresh)
 
+    dynamic_runtime.deactivate(model)
     hf_config.apply_to_config(config, changes)
     for rotary in rotaries:
         _install(rotary, fresh, device)
+    if cache_exact:
+        dynamic_runtime.activate(model)
+    return model
+
+
+def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained`, plus longctx_hf's runtime for what the config records.
+
+    Plain transformers reloads every checkpoint except dynamic_yarn (which needs trust_remote_code=True there);
+    this also makes dynamic_ntk / dynamic_yarn decode exactly with a KV cache, as the saved model did.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+    rotaries, config = _rotary_modules(model)
+    if config.rope_parameters.get("rope_type") in dynamic_runtime.DYNAMIC_ROPE_TYPES:
+        dynamic_runtime.activate(model)
     return model
 
 
@@ -153,5 +175,7 @@ def context_info(model_or_config) -> ContextInfo:
     rotaries, config = _rotary_modules(model_or_config)
     info = hf_config.describe(config.to_dict())
     scaling = float(getattr(rotaries[0], "attention_scaling", 1.0))
+    if config.rope_parameters.get("rope_type") in dynamic_runtime.DYNAMIC_ROPE_TYPES:
+        scaling = info.attention_scaling  # the rotary module is the identity; the value at the extended length
     return ContextInfo(info.method, info.factor, info.pretrained_length, info.extended_length, scaling,
                        info.rope_theta, info.options, info.loads_with_plain_transformers, info.warnings)

@@ -69,7 +69,9 @@ def test_llama_mistral_roundtrip_every_method(tmp_path, method):
     for kind in ("llama", "mistral"):
         model = extend_context(tiny_model(kind), method, 4)
         folder = str(tmp_path / kind)
-        save_with_expected(model, folder, 700)  # 700 > 256 pretrained: dynamic scaling is active
+        # 700 > 256 pretrained: scaling is active. Past L, plain transformers runs its own (cache-inexact) dynamic NTK,
+        # which differs from longctx_hf's by design: tests/test_dynamic_cache.py covers that reload.
+        save_with_expected(model, folder, 256 if method == "dynamic_ntk" else 700)
         folders.append(folder)
     results = reload_in_fresh_process(folders)
     assert all(results.values()), results

@@ -4,16 +4,17 @@ A method module provides NAME, ALIASES, HF_ROPE_TYPE, a frozen `Spec` dataclass 
 `frequencies(spec, seq_len) -> (inv_freq float32, attention_scaling)`, `rope_parameters(spec)` (the
 transformers-5 config dict) and `max_position_embeddings(spec)`. Adding a method = adding a module here.
 Attention-bias methods (KIND = "attention_bias", e.g. alibi) have no frequencies: they disable the rotary and
-provide attention functions; a method MAY define `remote_code_files(spec) -> {file name: source}` for checkpoints
-that need trust_remote_code.
+provide attention functions. A method without a native transformers form MAY define
+`remote_code_files(spec) -> {file name: source}` (written beside config.json) and `auto_map(spec)` (the config's
+`auto_map` entries pointing at those files, named by its REMOTE_CLASS).
 """
 from __future__ import annotations
 
 import difflib
 
-from . import alibi, dynamic_ntk, ntk, pi, yarn
+from . import alibi, dynamic_ntk, dynamic_yarn, ntk, pi, yarn
 
-METHODS = {module.NAME: module for module in (pi, ntk, dynamic_ntk, yarn, alibi)}
+METHODS = {module.NAME: module for module in (pi, ntk, dynamic_ntk, yarn, dynamic_yarn, alibi)}
 ALIASES = {alias: module.NAME for module in METHODS.values() for alias in module.ALIASES}
 
 

@@ -14,7 +14,7 @@ ALIASES = ()
 HF_ROPE_TYPE = "alibi"
 KIND = "attention_bias"  # patch.py: disable the rotary and switch attention, instead of rebuilding frequencies
 REMOTE_MODULE = "alibi_modeling"
-AUTO_MAP = {"AutoModelForCausalLM": f"{REMOTE_MODULE}.AlibiForCausalLM"}
+REMOTE_CLASS = f"{REMOTE_MODULE}.AlibiForCausalLM"
 SAVED_ATTENTION = "alibi_sdpa"  # written as config.json "attn_implementation": works on every device
 
 
@@ -70,3 +70,7 @@ def remote_code_files(spec: Spec) -> dict[str, str]:
     """Files written beside config.json so trust_remote_code loads the model without longctx_hf."""
     source = Path(__file__).resolve().parent.parent / "remote" / f"{REMOTE_MODULE}.py"
     return {f"{REMOTE_MODULE}.py": source.read_text()}
+
+
+def auto_map(spec: Spec) -> dict:
+    return {"AutoModelForCausalLM": REMOTE_CLASS}

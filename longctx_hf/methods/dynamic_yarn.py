@@ -1,0 +1,76 @@
+"""Dynamic YaRN (Peng et al. 2023, arXiv 2309.00071; jquesnelle/yarn `LlamaDynamicYaRNScaledRotaryEmbedding`):
+YaRN whose scale follows the current length, s = max(1, n / L); plain RoPE up to the pretrained length.
+
+No transformers rope type computes it, so checkpoints carry self-contained remote code (`remote_code_files`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import yarn
+from .base import RopeSpec, check_number, rope_inv_freq
+
+NAME = "dynamic_yarn"
+ALIASES = ()
+HF_ROPE_TYPE = "dynamic_yarn"
+REMOTE_FILE = "longctx_dynamic_rope.py"
+REMOTE_CLASS = "longctx_dynamic_rope.DynamicRopeForCausalLM"
+
+
+@dataclass(frozen=True)
+class Spec(RopeSpec):
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number("beta_fast", self.beta_fast, greater_than=0)
+        check_number("beta_slow", self.beta_slow, greater_than=0)
+        if not self.beta_fast > self.beta_slow:
+            raise ValueError(f"beta_fast must be > beta_slow, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}")
+        object.__setattr__(self, "beta_fast", float(self.beta_fast))
+        object.__setattr__(self, "beta_slow", float(self.beta_slow))
+
+
+def frequencies(spec: Spec, seq_len: int | None = None, device=None):
+    """(inv_freq, attention scaling) at current length `seq_len` (the pretrained length if None)."""
+    L = spec.original_max_position_embeddings
+    scale = max(seq_len or L, L) / L
+    if scale <= 1:
+        return rope_inv_freq(spec.rope_theta, spec.rotary_dim, device), 1.0
+    static = yarn.Spec(factor=scale, rope_theta=spec.rope_theta, rotary_dim=spec.rotary_dim,
+                       original_max_position_embeddings=L, beta_fast=spec.beta_fast, beta_slow=spec.beta_slow)
+    return yarn.frequencies(static, device=device)
+
+
+def attention_scaling(spec: Spec) -> float:
+    """The temperature at the extended length L·factor (it grows with the length: 1 up to L)."""
+    return yarn.attention_scaling(yarn.Spec(factor=spec.factor, rope_theta=spec.rope_theta, rotary_dim=2,
+                                            original_max_position_embeddings=spec.original_max_position_embeddings))
+
+
+def rope_parameters(spec: Spec) -> dict:
+    return {
+        "rope_type": HF_ROPE_TYPE,
+        "rope_theta": spec.rope_theta,
+        "factor": spec.factor,
+        "original_max_position_embeddings": spec.original_max_position_embeddings,
+        "beta_fast": spec.beta_fast,
+        "beta_slow": spec.beta_slow,
+    }
+
+
+def max_position_embeddings(spec: Spec) -> int:
+    # Like transformers' dynamic NTK: the length where scaling starts (its dynamic_rope_update threshold).
+    return spec.original_max_position_embeddings
+
+
+def remote_code_files(spec: Spec) -> dict:
+    """Self-contained modeling code written beside config.json (found by `auto_map`, trust_remote_code=True)."""
+    source = Path(__file__).resolve().parent.parent / "remote" / REMOTE_FILE
+    return {REMOTE_FILE: source.read_text(encoding="utf-8")}
+
+
+def auto_map(spec: Spec) -> dict:
+    return {"AutoModelForCausalLM": REMOTE_CLASS}

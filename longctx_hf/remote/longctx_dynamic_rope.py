@@ -1,0 +1,393 @@
+"""Dynamic RoPE scaling (dynamic NTK, dynamic YaRN) that stays exact with a KV cache, for any transformers RoPE
+decoder.
+
+Self-contained (torch + transformers only): longctx_hf uses this file as its runtime, and copies it into
+checkpoints that need it, where `from_pretrained(..., trust_remote_code=True)` loads it without longctx_hf.
+
+Why transformers' own dynamic scaling is not exact with a cache: it rotates keys with the frequencies of the moment
+and caches them rotated, so when the length grows the cached keys keep their old rotation. Re-rotating the cached
+keys is not enough either: in a model with more than one layer, the cached keys and values of layer 2 onwards were
+computed from hidden states that attended with the frequencies of *their* time. The one definition under which a
+cache can be exact is causal: every token is computed with the frequencies of its own length n = position + 1
+(the query and every key it attends to), which is exactly what happens when tokens are decoded one by one.
+
+How:
+- the model's rotary module is set to the identity (inverse frequencies 0, scaling 1), so the cache stores keys
+  *before* rotation;
+- an attention function registered with transformers' AttentionInterface (wrapping sdpa or eager; the matching mask
+  function is registered under the same name) rotates each query and all keys it sees with the frequencies of the
+  query's length, computed by the rope init function transformers itself uses for the rope type, then calls the
+  wrapped attention. Decode steps (one query) and tokens below the pretrained length L (plain RoPE) cost one
+  rotation of the keys per layer; prompt tokens past L each need their own rotation (one attention call each).
+Keys are assumed to hold consecutive positions ending at the last query's position (true for DynamicCache, sliding
+windows, left padding and generate); pad keys get meaningless angles but are masked.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+DYNAMIC_ROPE_TYPES = ("dynamic", "dynamic_yarn")
+ATTENTION_PREFIX = "longctx_dynamic_rope:"
+WRAPPABLE_ATTENTION = ("sdpa", "eager")
+RUNTIME_ATTRIBUTE = "_longctx_dynamic_rope"
+REMOTE_FILE = "longctx_dynamic_rope.py"
+
+
+# ----------------------------------------------------------------------------------------------- dynamic YaRN
+def _yarn_mscale(scale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * math.log(scale) + 1.0
+
+
+def compute_dynamic_yarn_parameters(config, device=None, seq_len=None, layer_type=None):
+    """YaRN whose scale follows the current length: s = max(1, n / L) (jquesnelle/yarn, dynamic variant).
+
+    Same signature and return as transformers' ROPE_INIT_FUNCTIONS entries: (inv_freq float32, attention_factor).
+    """
+    config.standardize_rope_params()
+    rope = config.rope_parameters
+    base = float(rope["rope_theta"])
+    original = int(rope["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(rope.get("beta_fast", 32.0)), float(rope.get("beta_slow", 1.0))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    n = original if seq_len is None else int(seq_len)
+    scale = max(1.0, n / original)
+    if scale <= 1:  # plain RoPE, computed exactly as transformers' default rope does (same float32 bits)
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+        return 1.0 / (base ** exponents), 1.0
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
+
+    def dim_for(rotations):
+        return dim * math.log(original / (2 * math.pi * rotations)) / (2 * math.log(base))
+
+    low = max(math.floor(dim_for(beta_fast)), 0)
+    high = min(math.ceil(dim_for(beta_slow)), dim - 1)
+    if high == low:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device=device) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / scale * ramp + inv_freq * (1 - ramp)
+    return inv_freq.to(torch.float32), _yarn_mscale(scale)
+
+
+# ------------------------------------------------------------------------------------------- the runtime
+class DynamicRopeRuntime:
+    """Rotates each query, and every key it attends to, with the frequencies of that query's own length."""
+
+    def __init__(self, config, original_inv_freq, interleaved, base_attention):
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        self.original_length = _pretrained_length(config)
+        self.original_inv_freq = original_inv_freq.detach().float().clone()
+        self.interleaved = interleaved
+        self.base_attention = base_attention
+        self._frequencies = {}
+        self._memo_key, self._memo = None, {}
+
+    def frequencies(self, n: int, device):
+        """(inv_freq, attention scaling) at length n: the pretrained RoPE up to L, as transformers does."""
+        if n <= self.original_length:
+            return self.original_inv_freq.to(device), 1.0
+        if (n, device) not in self._frequencies:
+            if len(self._frequencies) > 65536:
+                self._frequencies.clear()
+            # transformers passes max(position_ids) + 1 as a 0-d tensor; doing the same keeps its arithmetic
+            inv_freq, scaling = self.init_fn(self.config, device, seq_len=torch.tensor(n, device=device))
+            self._frequencies[n, device] = (inv_freq.float(), float(scaling))
+        return self._frequencies[n, device]
+
+    def cos_sin(self, key_positions, row_lengths, dtype):
+        """cos, sin (batch, 1, keys, rotary_dim / 2): batch row b rotated with the frequencies for row_lengths[b]."""
+        device = key_positions.device
+        pairs = [self.frequencies(int(n), device) for n in row_lengths.tolist()]
+        inv_freq = torch.stack([f for f, _ in pairs])[:, None, :]
+        scaling = torch.tensor([s for _, s in pairs], dtype=torch.float32, device=device)[:, None, None]
+        freqs = key_positions[..., None].float() * inv_freq
+        return (freqs.cos() * scaling).to(dtype)[:, None], (freqs.sin() * scaling).to(dtype)[:, None]
+
+    def rotate(self, states, cos, sin, fused=False):
+        """Rotate the first rotary_dim channels of (batch, heads, length, head_dim) states, as transformers does.
+
+        `fused` (used past L, where no transformers result has to be matched bit for bit) writes into one output
+        with multiply-add kernels: ~1.5x faster than transformers' formula, equal to it up to float rounding.
+        Out= kernels have no autograd, so training forwards take transformers' formula."""
+        half = cos.shape[-1]
+        if fused and not self.interleaved and not (torch.is_grad_enabled() and states.requires_grad):
+            out = torch.empty_like(states)
+            x1, x2, o1, o2 = states[..., :half], states[..., half : 2 * half], out[..., :half], out[..., half : 2 * half]
+            torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+            torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+            if 2 * half < states.shape[-1]:
+                out[..., 2 * half :] = states[..., 2 * half :]
+            return out
+        if self.interleaved:
+            x1, x2 = states[..., 0 : 2 * half : 2], states[..., 1 : 2 * half : 2]
+            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = states[..., :half], states[..., half : 2 * half]
+            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        if 2 * half == states.shape[-1]:
+            return rotated
+        return torch.cat((rotated, states[..., 2 * half :]), dim=-1)
+
+    def attention(self, module, query, key, value, attention_mask, **kwargs):
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            raise RuntimeError(
+                f"{type(module).__name__} does not pass position_ids to its attention function, which cache-exact "
+                "dynamic RoPE needs; this architecture is not supported"
+            )
+        batch, queries, length = query.shape[0], query.shape[-2], key.shape[-2]
+        positions = position_ids.to(key.device).expand(batch, -1)
+        # keys hold consecutive positions ending at the last query's (pads get meaningless, masked angles)
+        key_positions = positions[:, -1:] - (length - 1) + torch.arange(length, device=key.device)
+        lengths = positions + 1  # each token is computed at its own length, as when it was decoded
+        if queries == 1 or int(lengths.max()) <= self.original_length:
+            if self._memo_key is not position_ids:  # one table per forward, shared by all layers
+                self._memo_key, self._memo = position_ids, {}
+            memo_key = (batch, length, key.device, key.dtype)
+            if memo_key not in self._memo:
+                self._memo[memo_key] = self.cos_sin(key_positions, lengths[:, -1], key.dtype)
+            cos, sin = self._memo[memo_key]
+            fused = int(lengths.max()) > self.original_length
+            query = self.rotate(query, cos[..., length - queries :, :], sin[..., length - queries :, :], fused)
+            key = self.rotate(key, cos, sin, fused)
+            return self.base_attention(module, query, key, value, attention_mask, **kwargs)
+        return self._attention_per_query(module, query, key, value, attention_mask, key_positions, lengths, **kwargs)
+
+    def _attention_per_query(self, module, query, key, value, attention_mask, key_positions, lengths, **kwargs):
+        """Prompt tokens past L each need their own frequencies: one attention call per query (causal by slicing)."""
+        queries, length = query.shape[-2], key.shape[-2]
+        if attention_mask is not None and (attention_mask.ndim != 4 or attention_mask.shape[-1] != length):
+            raise RuntimeError(f"unexpected attention mask of shape {tuple(attention_mask.shape)} for {length} keys")
+        outputs = []
+        # leading queries that are within L in every row share the pretrained frequencies: one call for all of them
+        first = int((lengths > self.original_length).any(dim=0).float().argmax())
+        if first:
+            limit = length - queries + first
+            cos, sin = self.cos_sin(key_positions[:, :limit], lengths[:, first - 1], key.dtype)
+            mask = None if attention_mask is None else attention_mask[:, :, :first, :limit]
+            output, _ = self.base_attention(module, self.rotate(query[:, :, :first], cos[..., -first:, :],
+                                                                sin[..., -first:, :]),
+                                            self.rotate(key[:, :, :limit], cos, sin), value[:, :, :limit], mask,
+                                            **kwargs)
+            outputs.append(output)
+        for t in range(first, queries):
+            limit = length - queries + t + 1  # the keys query t may see
+            cos, sin = self.cos_sin(key_positions[:, :limit], lengths[:, t], key.dtype)
+            mask = None if attention_mask is None else attention_mask[:, :, t : t + 1, :limit]
+            fused = int(lengths[:, t].max()) > self.original_length
+            output, _ = self.base_attention(module, self.rotate(query[:, :, t : t + 1], cos[..., -1:, :],
+                                                                sin[..., -1:, :], fused),
+                                            self.rotate(key[:, :, :limit], cos, sin, fused), value[:, :, :limit],
+                                            mask, **kwargs)
+            outputs.append(output)
+        return torch.cat(outputs, dim=1), None
+
+
+def _pretrained_length(config) -> int:
+    rope = config.rope_parameters
+    if rope["rope_type"] == "dynamic":
+        return int(config.max_position_embeddings)  # transformers' dynamic NTK threshold
+    return int(rope["original_max_position_embeddings"])
+
+
+# ------------------------------------------------------------------------------------ registration, activation
+def _dispatching_attention(module, query, key, value, attention_mask, **kwargs):
+    runtime = getattr(module, RUNTIME_ATTRIBUTE, None)
+    if runtime is None:
+        raise RuntimeError(
+            f"{type(module).__name__}: its config selects attention {module.config._attn_implementation!r} (cache-exact "
+            "dynamic RoPE) but this model was not activated; a config copied from an extended model carries that name. "
+            "Load with longctx_hf.from_pretrained / extend_context, or set attn_implementation='sdpa'")
+    return runtime.attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def register():
+    """Make rope_type 'dynamic_yarn' loadable and register the wrapped attention + mask functions (idempotent)."""
+    ROPE_INIT_FUNCTIONS.setdefault("dynamic_yarn", compute_dynamic_yarn_parameters)
+    for base in WRAPPABLE_ATTENTION:
+        name = ATTENTION_PREFIX + base
+        if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+            AttentionInterface.register(name, _dispatching_attention)
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+
+
+def _rotary_modules(model):
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and hasattr(m, "config")
+            and hasattr(m, "original_inv_freq")]
+
+
+def _layout_is_interleaved(rotary, inv_freq) -> bool:
+    """Read the family's cos layout from its own rotary module: halves (cat(f, f)) or interleaved (f0 f0 f1 f1)."""
+    probe = torch.zeros(1, 1, 1, dtype=torch.float32, device=inv_freq.device)
+    cos, _ = rotary(probe, torch.ones(1, 1, dtype=torch.long, device=inv_freq.device))
+    cos = cos.reshape(-1).double().cpu()
+    want = torch.cos(inv_freq.double().cpu())
+    half = want.numel()
+    if cos.numel() == 2 * half and torch.allclose(cos[:half], want) and torch.allclose(cos[half:], want):
+        return False
+    if cos.numel() == 2 * half and torch.allclose(cos[0::2], want) and torch.allclose(cos[1::2], want):
+        return True
+    raise ValueError(f"{type(rotary).__name__} lays out cos/sin in an unknown way; cache-exact dynamic RoPE "
+                     "supports the standard halves and interleaved layouts only")
+
+
+def check_supported(model, rotary):
+    """Raise a ValueError, before anything is modified, if `activate` could not serve this model."""
+    _base_implementation(rotary.config)
+    _layout_is_interleaved(rotary, rotary.inv_freq)
+    if not any(getattr(m, "config", None) is not None and hasattr(m, "layer_idx") for m in model.modules()):
+        raise ValueError(f"{type(model).__name__}: no attention module with layer_idx; cache-exact dynamic RoPE "
+                         "does not support this architecture")
+
+
+def _base_implementation(config) -> str:
+    base = config._attn_implementation or "eager"
+    if base.startswith(ATTENTION_PREFIX):
+        base = base[len(ATTENTION_PREFIX):]
+    if base not in WRAPPABLE_ATTENTION:
+        raise ValueError(f"cache-exact dynamic RoPE wraps attention implementations {WRAPPABLE_ATTENTION}, not "
+                         f"{base!r}; load the model with attn_implementation='sdpa' or 'eager'")
+    return base
+
+
+def activate(model):
+    """Install the cache-exact runtime on a model whose config has rope_type 'dynamic' or 'dynamic_yarn'."""
+    register()
+    rotaries = _rotary_modules(model)
+    if not rotaries:
+        raise ValueError(f"{type(model).__name__} has no standard rotary module (inv_freq + original_inv_freq)")
+    config = rotaries[0].config
+    rope_type = config.rope_parameters.get("rope_type")
+    if rope_type not in DYNAMIC_ROPE_TYPES:
+        raise ValueError(f"cache-exact dynamic RoPE needs rope_type in {DYNAMIC_ROPE_TYPES}, got {rope_type!r}")
+    base = _base_implementation(config)
+    original = rotaries[0].original_inv_freq.detach().clone()
+    for rotary in rotaries:
+        rotary.rope_type = "default"  # stops transformers' dynamic_rope_update on this instance
+        rotary.attention_scaling = 1.0
+        rotary.inv_freq = original.clone().to(rotary.original_inv_freq.device)
+    interleaved = _layout_is_interleaved(rotaries[0], original)
+    for rotary in rotaries:
+        # identity rotation: cos = cos(0) * 1 = 1, sin = 0, so the cache stores keys before rotation
+        rotary.inv_freq = torch.zeros_like(rotary.original_inv_freq)
+    runtime = None
+    for module in model.modules():
+        if getattr(module, "config", None) is config and hasattr(module, "layer_idx"):
+            if runtime is None:
+                runtime = DynamicRopeRuntime(config, original, interleaved, _base_attention(base, module))
+            setattr(module, RUNTIME_ATTRIBUTE, runtime)
+    if runtime is None:
+        raise ValueError(f"{type(model).__name__}: no attention module (with layer_idx) shares the rotary config")
+    config._attn_implementation_internal = ATTENTION_PREFIX + base
+    model._longctx_cache_check = model.register_forward_pre_hook(_check_forward, with_kwargs=True)
+    if rope_type == "dynamic_yarn":
+        _save_remote_code_with(model)
+    return model
+
+
+def _check_forward(model, args, kwargs):
+    """Refuse what would silently lose positions: another attention implementation set after activation (the
+    rotary module is the identity), or a static cache (a fixed-size key buffer whose last key is not the query)."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    implementation = _rotary_modules(model)[0].config._attn_implementation or ""
+    if not implementation.startswith(ATTENTION_PREFIX):
+        raise ValueError(f"attention implementation {implementation!r} was set after cache-exact dynamic RoPE was "
+                         "installed; it would run without positions. Call extend_context (or activate) again")
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, Cache) and not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        raise ValueError(f"cache-exact dynamic RoPE supports DynamicCache (the default) only, got layers {kinds}; "
+                         "do not pass cache_implementation to generate")
+
+
+def deactivate(model):
+    """Undo `activate` on the attention side (the caller rebuilds the rotary module)."""
+    handle = model.__dict__.pop("_longctx_cache_check", None)
+    if handle is not None:
+        handle.remove()
+    config = getattr(model, "config", None)
+    for module in model.modules():
+        if hasattr(module, RUNTIME_ATTRIBUTE):
+            delattr(module, RUNTIME_ATTRIBUTE)
+            config = module.config
+    implementation = getattr(config, "_attn_implementation", None) or ""
+    if implementation.startswith(ATTENTION_PREFIX):
+        config._attn_implementation_internal = implementation[len(ATTENTION_PREFIX):]
+    model.__dict__.pop("save_pretrained", None)
+
+
+def _base_attention(base, attention_module):
+    if base == "eager":  # each family keeps its own eager function beside its attention class
+        eager = getattr(sys.modules[type(attention_module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise ValueError(f"{type(attention_module).__name__}: no eager_attention_forward to wrap; use sdpa")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+# ------------------------------------------------------------------------------- remote code in checkpoints
+def source() -> str:
+    with open(os.path.abspath(__file__), encoding="utf-8") as f:
+        return f.read()
+
+
+def write_remote_code(save_directory):
+    """Write this file beside config.json (atomically: a temporary file, then a rename)."""
+    target = os.path.join(save_directory, REMOTE_FILE)
+    handle, temporary = tempfile.mkstemp(dir=save_directory, prefix=".tmp-", suffix=".py")
+    with os.fdopen(handle, "w", encoding="utf-8") as f:
+        f.write(source())
+    os.replace(temporary, target)
+
+
+def _save_remote_code_with(model):
+    """Make this model's save_pretrained also write the remote code its config's auto_map points to."""
+    cls_save = type(model).save_pretrained
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        result = cls_save(self, save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
+        return result
+
+    model.save_pretrained = save_pretrained.__get__(model)
+
+
+class DynamicRopeForCausalLM:
+    """`auto_map` target: loads the architecture named by the config's own model_type, then activates.
+
+    Not a model class itself, so one file serves every architecture (llama, mistral, gpt_neox, ...).
+    """
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):
+        pass
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        register()
+        kwargs.pop("trust_remote_code", None)
+        if config is None:
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model = model_class.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+        del AutoModelForCausalLM
+        return activate(model)
+
+
+register()

@@ -1,0 +1,287 @@
+"""Dynamic NTK / dynamic YaRN stay exact with a KV cache: cached decoding == recomputing the prefix without a cache.
+
+Tiny models pretrained to L = 32 tokens decode 80 tokens past it. The reference is always a forward *without* a
+cache; "exact" is float noise (the unextended model's own cached-vs-recompute gap here is ~2e-7).
+"""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from longctx_hf import extend_context, methods
+from longctx_hf.remote import longctx_dynamic_rope as runtime
+from models import tiny_model
+
+L = 32
+NEW = 80
+TOL = 1e-4
+REPO = Path(__file__).resolve().parent.parent
+# llama/mistral: standard halves layout; gpt_neox: partial rotary (25% of head_dim); cohere: interleaved pairs
+KINDS = ["llama", "mistral", "gpt_neox", "cohere"]
+
+
+def extended(kind, method, seed=0):
+    return extend_context(tiny_model(kind, seed=seed, max_position_embeddings=L), method, 4)
+
+
+def generate(model, ids, attention_mask=None, new=NEW):
+    out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def recompute(model, sequence, prompt_length):
+    """Logits for every generated token from forwards without a cache: one over the whole sequence, plus separate
+    forwards of a few prefixes (each token depends only on the tokens before it, so both must agree)."""
+    with torch.no_grad():
+        full = model(sequence[None], use_cache=False).logits[0, prompt_length - 1 : -1]
+        for step in range(0, len(full), 32):
+            n = prompt_length + step
+            prefix = model(sequence[None, :n], use_cache=False).logits[0, -1]
+            assert (prefix - full[step]).abs().max().item() <= TOL
+    return full
+
+
+@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_generate_equals_recompute(kind, method):
+    model = extended(kind, method)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
+    sequences, logits = generate(model, ids)
+    assert sequences.shape[1] == 20 + NEW > 3 * L
+    error = (logits[0] - recompute(model, sequences[0], 20)).abs().max().item()
+    assert error <= TOL, error
+
+
+def test_transformers_own_dynamic_ntk_is_not_cache_exact():
+    """The bug this fixes, reproduced on transformers' native dynamic NTK (same weights, same config)."""
+    ours = extended("llama", "dynamic_ntk")
+    config = copy.deepcopy(ours.config)
+    config._attn_implementation_internal = "sdpa"
+    native = AutoModelForCausalLM.from_config(config).eval()
+    native.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
+    sequences, logits = generate(native, ids)
+    with torch.no_grad():
+        reference = torch.stack([native(sequences[:, :n]).logits[0, -1] for n in range(20, 20 + NEW, 8)])
+    assert (logits[0, ::8] - reference).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+def test_left_padded_batch_each_row_equals_its_own_recompute(method):
+    model = extended("llama", method)
+    long_prompt = torch.randint(1, 128, (20,), generator=torch.Generator().manual_seed(2))
+    short_prompt = torch.randint(1, 128, (9,), generator=torch.Generator().manual_seed(3))
+    ids = torch.zeros(2, 20, dtype=torch.long)
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    ids[0], mask[0] = long_prompt, 1
+    ids[1, 11:], mask[1, 11:] = short_prompt, 1
+    sequences, logits = generate(model, ids, attention_mask=mask)
+    for row, prompt in enumerate((long_prompt, short_prompt)):
+        own = torch.cat([prompt, sequences[row, 20:]])  # the row without its padding
+        error = (logits[row] - recompute(model, own, len(prompt))).abs().max().item()
+        assert error <= TOL, (row, error)
+
+
+@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+def test_below_pretrained_length_is_the_unextended_model(method):
+    plain = tiny_model("llama", max_position_embeddings=L)
+    model = extended("llama", method)
+    ids = torch.randint(0, 128, (2, L), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    sequences, logits = generate(model, ids[:, :10], new=L - 10)
+    plain_sequences, plain_logits = generate(plain, ids[:, :10], new=L - 10)
+    assert torch.equal(sequences, plain_sequences) and torch.equal(logits, plain_logits)
+    with torch.no_grad():  # and past L it is a different model
+        assert not torch.allclose(model(sequences[:, :1].repeat(1, 2 * L)).logits,
+                                  plain(sequences[:, :1].repeat(1, 2 * L)).logits)
+
+
+def reference_dynamic_yarn(theta, d, L, n, beta_fast=32.0, beta_slow=1.0):
+    """jquesnelle/yarn's dynamic variant, written out: YaRN at scale s = n / L for n > L, plain RoPE otherwise."""
+    plain = [theta ** (-2 * i / d) for i in range(d // 2)]
+    s = n / L
+    if s <= 1:
+        return plain, 1.0
+
+    def dim(rotations):
+        return d * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    lo, hi = max(math.floor(dim(beta_fast)), 0), min(math.ceil(dim(beta_slow)), d - 1)
+    out = []
+    for i, f in enumerate(plain):
+        extrapolate = 1 - min(max((i - lo) / (hi - lo), 0.0), 1.0)
+        out.append(f / s * (1 - extrapolate) + f * extrapolate)
+    return out, 0.1 * math.log(s) + 1
+
+
+@pytest.mark.parametrize("d,theta,L_,s", [(64, 1e4, 4096, 4.0), (128, 5e5, 8192, 8.0), (16, 1e4, 32, 4.0)])
+def test_dynamic_yarn_formula(d, theta, L_, s):
+    spec = methods.build_spec(methods.get_method("dynamic_yarn"), factor=s, rope_theta=theta, rotary_dim=d,
+                              original_max_position_embeddings=L_, options={"beta_fast": 32, "beta_slow": 1})
+    model_config = tiny_model("llama").config.__class__(
+        hidden_size=d * 4, num_attention_heads=4, max_position_embeddings=L_,
+        rope_parameters=methods.dynamic_yarn.rope_parameters(spec))
+    for n in (L_ // 2, L_, L_ + 1, int(1.5 * L_), int(s * L_), int(3 * s * L_)):
+        want, want_scale = reference_dynamic_yarn(theta, d, L_, n)
+        want = torch.tensor(want, dtype=torch.float64)
+        got, scale = methods.dynamic_yarn.frequencies(spec, seq_len=n)
+        remote, remote_scale = runtime.compute_dynamic_yarn_parameters(model_config, "cpu", seq_len=n)
+        for inv in (got, remote):
+            assert inv.dtype == torch.float32
+            assert ((inv.double() - want).abs() / want).max().item() <= 1e-6
+        assert scale == pytest.approx(want_scale, rel=1e-12) and remote_scale == pytest.approx(want_scale, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+def test_runtime_frequencies_are_the_method_formula(method):
+    model = extended("llama", method)
+    state = model.model.layers[0].self_attn._longctx_dynamic_rope
+    module = methods.get_method(method)
+    spec = module.Spec(factor=4.0, rope_theta=10000.0, rotary_dim=16, original_max_position_embeddings=L)
+    for n in (1, L, L + 1, 100, 1000):
+        inv, scale = state.frequencies(n, torch.device("cpu"))
+        want, want_scale = module.frequencies(spec, seq_len=n)
+        assert ((inv.double() - want.double()).abs() / want.double()).max().item() <= 2e-6
+        assert scale == pytest.approx(want_scale, rel=1e-6)
+
+
+def test_refuses_attention_it_cannot_wrap_before_touching_the_model():
+    model = tiny_model("llama", max_position_embeddings=L)
+    model.config._attn_implementation_internal = "flex_attention"
+    before = model.config.to_dict()
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        extend_context(model, "dynamic_yarn", 4)
+    assert model.config.to_dict() == before and model.config._attn_implementation == "flex_attention"
+
+
+def test_gradients_flow_past_pretrained_length():
+    model = extended("llama", "dynamic_yarn").train()
+    loss = model(torch.arange(3 * L)[None] % 128, labels=torch.arange(3 * L)[None] % 128).loss
+    loss.backward()
+    assert model.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+def test_refuses_static_cache():
+    model = extended("llama", "dynamic_ntk")
+    with pytest.raises(ValueError, match="DynamicCache"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2, cache_implementation="static",
+                       pad_token_id=0)
+
+
+def test_refuses_attention_switched_after_extension():
+    model = extended("llama", "dynamic_yarn")
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="without positions"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    extend_context(model, "dynamic_yarn", 4)  # wraps eager now
+    assert model.config._attn_implementation == "longctx_dynamic_rope:eager"
+    with torch.no_grad():
+        assert torch.allclose(model(torch.arange(100)[None] % 128).logits,
+                              extended("llama", "dynamic_yarn")(torch.arange(100)[None] % 128).logits, atol=1e-5)
+
+
+def test_reextending_with_a_static_method_removes_the_runtime(tmp_path):
+    model = extend_context(extended("llama", "dynamic_yarn"), "yarn", 4)
+    fresh = extend_context(tiny_model("llama", max_position_embeddings=L), "yarn", 4)
+    assert model.config._attn_implementation == "sdpa" and "auto_map" not in model.config.to_dict()
+    ids = torch.randint(0, 128, (1, 3 * L))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh(ids).logits)
+    model.save_pretrained(tmp_path)
+    assert not (tmp_path / runtime.REMOTE_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------------------ reloading
+PLAIN_RELOAD = r"""
+import importlib.util, json, sys
+sys.path.append(sys.argv[2])  # site-packages without its .pth files: the editable longctx_hf is not importable
+assert importlib.util.find_spec("longctx_hf") is None
+import torch
+from transformers import AutoModelForCausalLM
+folders, results = json.loads(sys.argv[1]), {}
+for folder in folders:
+    remote = json.load(open(folder + "/config.json")).get("auto_map") is not None
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote).eval()
+    data = torch.load(folder + "/expected.pt")
+    with torch.no_grad():  # below L first: transformers' dynamic NTK keeps the largest length it has seen
+        below = model(data["ids"][:, :32]).logits
+        logits = model(data["ids"]).logits
+    out = model.generate(data["ids"][:, :20], max_new_tokens=60, min_new_tokens=60, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        full = model(out.sequences).logits[0, 19:-1]
+    results[folder] = {
+        "rope_type": model.config.rope_parameters["rope_type"],
+        "attention": model.config._attn_implementation,
+        "equal_below_L": torch.equal(below, data["logits"][:, :32]),
+        "equal": torch.equal(logits, data["logits"]),
+        "cache_error": (torch.stack(out.logits, 1)[0] - full).abs().max().item(),
+    }
+assert not [name for name in sys.modules if name.startswith("longctx_hf")], "longctx_hf was imported"
+print(json.dumps(results))
+"""
+
+LONGCTX_RELOAD = r"""
+import json, sys, torch
+import longctx_hf
+results = {}
+for folder in json.loads(sys.argv[1]):
+    model = longctx_hf.from_pretrained(folder)  # no trust_remote_code: longctx_hf registers dynamic_yarn itself
+    data = torch.load(folder + "/expected.pt")
+    with torch.no_grad():
+        logits = model(data["ids"]).logits
+    results[folder] = {"equal": torch.equal(logits, data["logits"]), "attention": model.config._attn_implementation}
+print(json.dumps(results))
+"""
+
+
+def run(script, args, workdir, pythonpath=None):
+    """A fresh interpreter in `workdir`. Without `pythonpath` it also skips site (-S): the .pth file of the editable
+    longctx_hf install is never read, so longctx_hf cannot be imported there at all."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(workdir / "hf_modules"), HF_HUB_OFFLINE="1")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    flags = ["-S"] if pythonpath is None else []
+    out = subprocess.run([sys.executable, *flags, "-c", script, *args], capture_output=True, text=True, timeout=600,
+                         env=env, cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_reload_in_fresh_processes(tmp_path):
+    folders = {}
+    for method in ("dynamic_ntk", "dynamic_yarn"):
+        model = extended("llama", method)
+        folder = tmp_path / method
+        ids = torch.randint(0, 128, (1, 3 * L), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            logits = model(ids).logits
+        model.save_pretrained(folder)
+        torch.save({"ids": ids, "logits": logits}, folder / "expected.pt")
+        folders[method] = str(folder)
+    config = json.loads((tmp_path / "dynamic_yarn" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "longctx_dynamic_rope.DynamicRopeForCausalLM"}
+    assert (tmp_path / "dynamic_yarn" / runtime.REMOTE_FILE).read_text() == Path(runtime.__file__).read_text()
+    assert not (tmp_path / "dynamic_ntk" / runtime.REMOTE_FILE).exists()
+
+    listed = json.dumps(list(folders.values()))
+    plain = run(PLAIN_RELOAD, [listed, sysconfig.get_paths()["purelib"]], tmp_path)
+    ntk, yarn = plain[folders["dynamic_ntk"]], plain[folders["dynamic_yarn"]]
+    # dynamic_ntk in plain transformers: transformers' own dynamic NTK, exact up to L, cache-inexact past it
+    assert (ntk["rope_type"], ntk["attention"]) == ("dynamic", "sdpa") and ntk["equal_below_L"]
+    assert not ntk["equal"] and ntk["cache_error"] > 1e-3
+    # dynamic_yarn through its remote code, without longctx_hf: identical logits, cache-exact
+    assert yarn["attention"] == "longctx_dynamic_rope:sdpa" and yarn["equal"] and yarn["cache_error"] <= TOL
+
+    exact = run(LONGCTX_RELOAD, [listed], tmp_path, pythonpath=str(REPO))
+    assert all(result["equal"] and result["attention"] == "longctx_dynamic_rope:sdpa" for result in exact.values())
