@@ -167,6 +167,7 @@ class FinetuneResult:
     output_dir: str
     model: object  # the trained model in memory (LoRA merged), as saved
     log_history: list
+    is_main_process: bool = True
 
 
 def finetune(model, **options) -> FinetuneResult:
@@ -175,6 +176,11 @@ def finetune(model, **options) -> FinetuneResult:
     See `FinetuneOptions` for the options; they are all validated (and the extension is tried on a meta-device
     copy of the model) before any weights or data are loaded.
     """
+    return run(check_options(model, **options))
+
+
+def check_options(model, **options) -> FinetuneOptions:
+    """Validated options: types and ranges, data and output folders, and the extension itself on a meta copy."""
     try:
         opts = FinetuneOptions(model=model, **options)
     except TypeError as err:
@@ -182,17 +188,20 @@ def finetune(model, **options) -> FinetuneResult:
             allowed = ", ".join(f.name for f in dataclasses.fields(FinetuneOptions) if f.name != "model")
             raise TypeError(f"{err}; finetune takes {allowed}") from None
         raise
-    return _run(opts)
+    _check_extension(opts)
+    return opts
 
 
-def _check_extension(opts, model_path):
+def _check_extension(opts):
     """Run the extension on a meta-device copy: a bad method, factor, option or max_length fails in milliseconds."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .patch import context_info, extend_context
 
-    config = AutoConfig.from_pretrained(model_path)
+    from .real_model import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(str(opts.model)))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     extend_context(skeleton, opts.method, opts.factor, target_length=opts.target_length, **opts.method_options)
@@ -221,7 +230,8 @@ def _add_lora(model, opts):
     return model
 
 
-def _run(opts: FinetuneOptions) -> FinetuneResult:
+def run(opts: FinetuneOptions) -> FinetuneResult:
+    """Train with already checked options (see `check_options`)."""
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import GradientAccumulationPlugin, set_seed
@@ -233,7 +243,6 @@ def _run(opts: FinetuneOptions) -> FinetuneResult:
     from .real_model import resolve_model
 
     model_path = resolve_model(str(opts.model))
-    _check_extension(opts, model_path)
 
     accelerator = Accelerator(
         mixed_precision=opts.mixed_precision,
@@ -264,6 +273,7 @@ def _run(opts: FinetuneOptions) -> FinetuneResult:
     if len(loader) == 0:
         raise ValueError(f"the data packs into {len(dataset)} blocks, fewer than batch_size={opts.batch_size}")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces parameters in prepare
     # The scheduler is stepped once per optimizer step by hand (not prepared: accelerate would step it once per
     # process), and saved with the rest of the state.
     accelerator.register_for_checkpointing(scheduler)
@@ -338,7 +348,8 @@ def _run(opts: FinetuneOptions) -> FinetuneResult:
                                           * accelerator.num_processes / runtime, 3),
         "train_steps_per_second": round(steps_run / runtime, 3), "total_flos": 0.0})
     trained = _save_final(accelerator, model, tokenizer, state, opts, use_cache)
-    return FinetuneResult(output_dir=str(opts.output_dir), model=trained, log_history=state.log_history)
+    return FinetuneResult(output_dir=str(opts.output_dir), model=trained, log_history=state.log_history,
+                          is_main_process=accelerator.is_main_process)
 
 
 def _save_checkpoint(accelerator, state, folder: Path):
