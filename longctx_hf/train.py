@@ -115,10 +115,10 @@ class FinetuneOptions:
         if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool)
                                             or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
             raise ValueError(f"lora_alpha must be a number > 0, got {self.lora_alpha!r}")
-        if self.lora and importlib_find("peft") is None:
+        if self.lora and not _package_installed("peft"):
             raise ValueError("lora=True needs the package `peft` (pip install 'longctx-hf[lora]')")
         _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
-        if self.attn_implementation == "flash_attention_2" and importlib_find("flash_attn") is None:
+        if self.attn_implementation == "flash_attention_2" and not _package_installed("flash_attn"):
             raise ValueError("attn_implementation='flash_attention_2' needs the package `flash-attn` (and a GPU); "
                              "use 'sdpa' here")
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
@@ -150,10 +150,10 @@ class FinetuneOptions:
         return min(20, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
 
 
-def importlib_find(name):
+def _package_installed(name) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec(name)
+    return importlib.util.find_spec(name) is not None
 
 
 def _read_state(folder):
@@ -250,6 +250,9 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=opts.grad_accum, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if opts.lora and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise ValueError(f"lora=True is not supported under {accelerator.distributed_type.name}: merging needs the "
+                         "full adapters on one process; fine-tune without LoRA there")
     set_seed(opts.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dataset = packed_dataset(opts.data, tokenizer, opts.max_length, opts.separate_documents, opts.text_column)
@@ -365,7 +368,7 @@ def _save_final(accelerator, model, tokenizer, state, opts, use_cache):
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if opts.lora:
-        # LoRA under FSDP / ZeRO-3 would need the sharded adapters gathered first; not supported (README).
+        # Only DDP / one process here (refused under FSDP and DeepSpeed above): the adapters are whole.
         unwrapped = unwrapped.merge_and_unload()
         state_dict = unwrapped.state_dict()
     else:

@@ -168,9 +168,20 @@ def test_finetune_resume_and_plain_reload(tiny_checkpoint, tmp_path):
     assert reloaded["same"] and reloaded["rope"]["factor"] == 2.0
 
 
+def test_gradient_checkpointing_trains_the_same(tiny_checkpoint, tmp_path):
+    plain = finetune(**options(tiny_checkpoint, tmp_path / "plain", steps=3))
+    checkpointed = finetune(**options(tiny_checkpoint, tmp_path / "ckpt", steps=3, gradient_checkpointing=True))
+    losses = [[e["loss"] for e in r.log_history if "loss" in e] for r in (plain, checkpointed)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for a, b in zip(plain.model.parameters(), checkpointed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not checkpointed.model.is_activation_checkpointing  # switched off again in the returned model
+
+
 def test_lora_with_embeddings_and_norms_merges_into_plain_weights(tiny_checkpoint, tmp_path):
     result = finetune(**options(tiny_checkpoint, tmp_path / "lora", lora=True, lora_rank=4,
-                                lora_train_embeddings_and_norms=True, learning_rate=1e-2, steps=3))
+                                lora_train_embeddings_and_norms=True, learning_rate=1e-2, steps=3,
+                                gradient_checkpointing=True))
     assert sorted(os.listdir(tmp_path / "lora")) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
         "trainer_state.json"]  # no adapter files: LoRA is merged
