@@ -17,7 +17,8 @@ from pathlib import Path
 
 ATTN_IMPLEMENTATIONS = (None, "sdpa", "eager", "flash_attention_2")
 MIXED_PRECISION = (None, "no", "bf16", "fp16")
-LR_SCHEDULERS = ("linear", "constant", "cosine")
+# our name -> transformers' scheduler name (all of them warm up linearly first)
+LR_SCHEDULERS = {"linear": "linear", "constant": "constant_with_warmup", "cosine": "cosine"}
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -102,7 +103,7 @@ class FinetuneOptions:
         _int("warmup_steps", self.warmup_steps, 0, allow_none=True)
         if self.warmup_steps is not None and self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps must be <= steps ({self.steps}), got {self.warmup_steps}")
-        _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _choice("lr_scheduler", self.lr_scheduler, tuple(LR_SCHEDULERS))
         for name in ("batch_size", "grad_accum", "lora_rank", "logging_steps"):
             _int(name, getattr(self, name), 1)
         _int("save_steps", self.save_steps, 1, allow_none=True)
@@ -198,7 +199,6 @@ def _check_extension(opts):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .patch import context_info, extend_context
-
     from .real_model import resolve_model
 
     config = AutoConfig.from_pretrained(resolve_model(str(opts.model)))
@@ -230,16 +230,35 @@ def _add_lora(model, opts):
     return model
 
 
+def _load_for_training(opts, model_path):
+    """The extended model ready to train (float32 weights; autocast comes from accelerate), and its use_cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .patch import extend_context
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                 attn_implementation=opts.attn_implementation)
+    extend_context(model, opts.method, opts.factor, target_length=opts.target_length, **opts.method_options)
+    use_cache = model.config.use_cache
+    model.config.use_cache = False  # also what lets transformers read packed documents from position_ids
+    if opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if opts.lora:
+        model = _add_lora(model, opts)
+    model.train()
+    return model, use_cache
+
+
 def run(opts: FinetuneOptions) -> FinetuneResult:
     """Train with already checked options (see `check_options`)."""
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import GradientAccumulationPlugin, set_seed
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState, get_scheduler
+    from transformers import AutoTokenizer, TrainerState, get_scheduler
 
     from .data import packed_dataset
-    from .patch import extend_context
     from .real_model import resolve_model
 
     model_path = resolve_model(str(opts.model))
@@ -257,21 +276,11 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dataset = packed_dataset(opts.data, tokenizer, opts.max_length, opts.separate_documents, opts.text_column)
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                 attn_implementation=opts.attn_implementation)
-    extend_context(model, opts.method, opts.factor, target_length=opts.target_length, **opts.method_options)
-    use_cache = model.config.use_cache
-    model.config.use_cache = False
-    if opts.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if opts.lora:
-        model = _add_lora(model, opts)
-    model.train()
+    model, use_cache = _load_for_training(opts, model_path)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=opts.learning_rate, weight_decay=opts.weight_decay)
-    scheduler = get_scheduler(opts.lr_scheduler if opts.lr_scheduler != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=opts.resolved_warmup_steps, num_training_steps=opts.steps)
+    scheduler = get_scheduler(LR_SCHEDULERS[opts.lr_scheduler], optimizer, num_warmup_steps=opts.resolved_warmup_steps, num_training_steps=opts.steps)
     loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, shuffle=True, drop_last=True)
     if len(loader) == 0:
         raise ValueError(f"the data packs into {len(dataset)} blocks, fewer than batch_size={opts.batch_size}")
@@ -296,7 +305,9 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
 
     bar = tqdm(total=opts.steps, initial=state.global_step, desc="finetune", unit="step",
                disable=not (opts.progress_bar and accelerator.is_local_main_process))
-    window_loss, window_micro, started, tokens_run = torch.zeros((), dtype=torch.float64), 0, time.perf_counter(), 0
+    # The loss is summed on the device (no host sync per micro-batch) and averaged over processes when logged.
+    window_loss = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+    window_micro, started, tokens_run = 0, time.perf_counter(), 0
     all_loss, all_micro = 0.0, 0
     grad_norm = None
     while state.global_step < opts.steps:
@@ -311,7 +322,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
                     grad_norm = accelerator.clip_grad_norm_(trainable, opts.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            window_loss += loss.detach().double().cpu()
+            window_loss += loss.detach().float()
             window_micro += 1
             tokens_run += tokens_per_micro_batch
             if not accelerator.sync_gradients:
@@ -324,7 +335,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
             state.num_input_tokens_seen += opts.grad_accum * tokens_per_micro_batch
             bar.update(1)
             if state.global_step % opts.logging_steps == 0 or state.global_step == opts.steps:
-                mean_loss = accelerator.reduce(window_loss.to(accelerator.device) / window_micro, "mean").item()
+                mean_loss = accelerator.reduce(window_loss / window_micro, "mean").item()
                 all_loss, all_micro = all_loss + mean_loss * window_micro, all_micro + window_micro
                 window_loss.zero_()
                 window_micro = 0
@@ -349,7 +360,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
         "train_loss": all_loss / max(all_micro, 1), "train_tokens_per_second": round(tokens_run / runtime, 3),
         "train_samples_per_second": round(steps_run * opts.grad_accum * opts.batch_size
                                           * accelerator.num_processes / runtime, 3),
-        "train_steps_per_second": round(steps_run / runtime, 3), "total_flos": 0.0})
+        "train_steps_per_second": round(steps_run / runtime, 3)})
     trained = _save_final(accelerator, model, tokenizer, state, opts, use_cache)
     return FinetuneResult(output_dir=str(opts.output_dir), model=trained, log_history=state.log_history,
                           is_main_process=accelerator.is_main_process)
