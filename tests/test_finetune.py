@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -239,7 +240,23 @@ def test_smollm2_loss_decreases_and_reloads_plainly(tmp_path):
     losses = [e["loss"] for e in result.log_history if "loss" in e]
     assert len(losses) == 12
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    print(f"SmolLM2 losses over 12 steps: {losses}; first 3 mean {first:.4f}, last 3 mean {last:.4f}")
     assert last < first - 0.3, losses
     reloaded = reload_in_fresh_process(tmp_path / "out", result.model)
     assert reloaded["same"]
     assert reloaded["rope"]["rope_type"] == "yarn" and reloaded["rope"]["original_max_position_embeddings"] == 8192
+
+
+def test_resume_into_the_checkpoints_own_folder(tiny_checkpoint, tmp_path):
+    from transformers import TrainerState
+
+    for step in (3, 6):
+        (tmp_path / "out" / f"checkpoint-{step}").mkdir(parents=True)
+        TrainerState(global_step=step).save_to_json(str(tmp_path / "out" / f"checkpoint-{step}" / "trainer_state.json"))
+    resume = str(tmp_path / "out" / "checkpoint-3")
+    with pytest.raises(ValueError, match=r"holds checkpoints after step 3: \['checkpoint-6'\]"):
+        check_options(**options(tiny_checkpoint, tmp_path / "out", steps=8, resume_from=resume))
+    with pytest.raises(ValueError, match="resume_from is at step 6; steps must exceed it"):
+        check_options(**options(tiny_checkpoint, tmp_path / "out", steps=6, resume_from=str(tmp_path / "out" / "checkpoint-6")))
+    shutil.rmtree(tmp_path / "out" / "checkpoint-6")
+    assert check_options(**options(tiny_checkpoint, tmp_path / "out", steps=8, resume_from=resume)).steps == 8
