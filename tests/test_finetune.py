@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -206,15 +207,18 @@ def test_lora_alone_keeps_embeddings_and_norms(tiny_checkpoint, tmp_path):
 def test_two_cpu_processes_write_one_checkpoint(tiny_checkpoint, tmp_path):
     """A real `accelerate launch` of two gloo processes through the CLI module entry point."""
     output = tmp_path / "ddp"
+    with socket.socket() as probe:  # a free port: other jobs on this machine may hold a fixed one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-               str(REPO / "configs" / "cpu_2proc.yaml"), "--num_processes", "2", "--main_process_port", "29517",
+               str(REPO / "configs" / "cpu_2proc.yaml"), "--num_processes", "2", "--main_process_port", str(port),
                "-m", "longctx_hf.cli", "finetune", str(tiny_checkpoint), "--method", "yarn", "--factor", "2",
                "--data", str(STDLIB / "json"), "--max-length", "64", "--steps", "4", "--save-steps", "2",
                "--learning-rate", "1e-3", "--output", str(output)]
     out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("saved ") == 1  # printed by the main process only
+    assert out.stdout.count("saved ") == 1, out.stdout  # printed by the main process only
     # both ranks took part in the checkpoint (one RNG state each); the result is one checkpoint
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(output / "checkpoint-2"))
     assert sorted(p for p in os.listdir(output) if not p.startswith("checkpoint-")) == [
