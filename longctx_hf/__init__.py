@@ -6,7 +6,8 @@ import sys
 
 __version__ = "0.1.0"
 __all__ = ["extend_context", "context_info", "from_pretrained", "ContextInfo", "METHODS", "extend_checkpoint",
-           "push_to_hub", "alibi_model_from_config"]
+           "push_to_hub", "alibi_model_from_config", "finetune",
+           "FinetuneOptions"]
 
 
 def __getattr__(name):
@@ -31,6 +32,10 @@ def __getattr__(name):
         from .attention import alibi_model_from_config
 
         return alibi_model_from_config
+    if name in ("finetune", "FinetuneOptions"):
+        from . import train
+
+        return getattr(train, name)
     if name == "METHODS":
         from .methods import METHODS
 

@@ -114,6 +114,63 @@ def _push(args) -> int:
         return 2
     print(f"pushed {args.path} to {args.repo_id}: {commit.commit_url}")
     return 0
+def _finetune(args) -> int:
+    from .train import check_options, run
+
+    try:  # bad options are refused before any weights or data are loaded
+        options = check_options(
+        args.model, method=args.method, factor=args.factor, target_length=args.target_length, data=args.data,
+        max_length=args.max_length, steps=args.steps, learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps, lr_scheduler=args.lr_scheduler, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lora=args.lora, lora_rank=args.lora_rank,
+        lora_train_embeddings_and_norms=args.lora_train_embeddings_and_norms,
+        gradient_checkpointing=args.gradient_checkpointing, attn_implementation=args.attn_implementation,
+        separate_documents=not args.no_separate_documents, mixed_precision=args.mixed_precision,
+        logging_steps=args.logging_steps, save_steps=args.save_steps, resume_from=args.resume_from, seed=args.seed,
+        text_column=args.text_column, output_dir=args.output,
+        )
+    except (ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = run(options)
+    final = result.log_history[-1]
+    if result.is_main_process:
+        print(f"saved {result.output_dir} after {final['step']} steps, train loss {final['train_loss']:.4f}, "
+              f"{final['train_tokens_per_second']:.0f} tokens/s")
+    return 0
+
+
+def _add_finetune_parser(sub):
+    ft = sub.add_parser("finetune", help="extend a model's context, then fine-tune it (accelerate; LoRA optional)")
+    ft.add_argument("model", help="checkpoint folder, Hub id, or 'smollm2'")
+    ft.add_argument("--method", required=True, help="pi, ntk, dynamic_ntk or yarn")
+    size = ft.add_mutually_exclusive_group(required=True)
+    size.add_argument("--factor", type=float, help="extension factor relative to the pretrained context")
+    size.add_argument("--target-length", type=int, help="extended context in tokens")
+    ft.add_argument("--data", required=True, help="text file, folder of text files, or Hub dataset (needs datasets)")
+    ft.add_argument("--text-column", default="text", help="column of a Hub dataset (default: text)")
+    ft.add_argument("--max-length", type=int, required=True, help="tokens per packed training block")
+    ft.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    ft.add_argument("--learning-rate", type=float, default=2e-5)
+    ft.add_argument("--warmup-steps", type=int, default=None, help="default: min(20, steps // 10)")
+    ft.add_argument("--lr-scheduler", default="linear", help="linear (decay to 0), constant or cosine, after warmup")
+    ft.add_argument("--batch-size", type=int, default=1, help="blocks per micro-batch per process")
+    ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ft.add_argument("--lora", action="store_true", help="train LoRA adapters (peft), merged into the saved weights")
+    ft.add_argument("--lora-rank", type=int, default=16)
+    ft.add_argument("--lora-train-embeddings-and-norms", action="store_true",
+                    help="also train embeddings and norms (LongLoRA)")
+    ft.add_argument("--gradient-checkpointing", action="store_true")
+    ft.add_argument("--attn-implementation", default=None, help="sdpa, eager or flash_attention_2 (needs flash-attn)")
+    ft.add_argument("--no-separate-documents", action="store_true",
+                    help="plain concatenation: documents in a block attend to each other (keeps SDPA's causal kernel)")
+    ft.add_argument("--mixed-precision", default=None, help="no, bf16 or fp16 (default: from accelerate launch)")
+    ft.add_argument("--logging-steps", type=int, default=1)
+    ft.add_argument("--save-steps", type=int, default=None, help="write OUTPUT/checkpoint-N every N steps")
+    ft.add_argument("--resume-from", default=None, help="a checkpoint-N folder to continue from")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--output", required=True, help="new (or empty) folder for the checkpoint")
+    ft.set_defaults(run=_finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(run=_push)
     listing = sub.add_parser("methods", help="list the extension methods and their options")
     listing.set_defaults(run=_methods)
+    _add_finetune_parser(sub)
     return parser
 
 

@@ -1,0 +1,406 @@
+"""Fine-tune after extending: `extend_context`, then a plain accelerate training loop.
+
+Everything distributed (DDP, FSDP, DeepSpeed, mixed precision) is accelerate's: the same code runs as a plain
+process and under `accelerate launch --config_file configs/...`. Output is an HF checkpoint with the extension in
+its config (LoRA merged in), the tokenizer, and a `trainer_state.json` like HF Trainer's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ATTN_IMPLEMENTATIONS = (None, "sdpa", "eager", "flash_attention_2")
+MIXED_PRECISION = (None, "no", "bf16", "fp16")
+# our name -> transformers' scheduler name (all of them warm up linearly first)
+LR_SCHEDULERS = {"linear": "linear", "constant": "constant_with_warmup", "cosine": "cosine"}
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _int(name, value, minimum, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Every option of `finetune`, validated on construction (before any model or data is loaded)."""
+
+    model: str
+    method: str
+    output_dir: str
+    data: str
+    max_length: int
+    steps: int
+    factor: float | None = None
+    target_length: int | None = None
+    method_options: dict = field(default_factory=dict)
+    learning_rate: float = 2e-5
+    warmup_steps: int | None = None  # None: min(20, steps // 10)
+    lr_scheduler: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 1
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # None: 2 * lora_rank
+    lora_train_embeddings_and_norms: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    separate_documents: bool = True
+    mixed_precision: str | None = None  # None: what `accelerate launch` / its config says, else "no"
+    logging_steps: int = 1
+    save_steps: int | None = None
+    resume_from: str | None = None
+    seed: int = 0
+    text_column: str = "text"
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        from .data import check_data_source
+
+        for name in ("model", "method", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                raise TypeError(f"{name} must be a non-empty string or path, got {value!r}")
+        check_data_source(self.data)
+        _int("max_length", self.max_length, 2)
+        _int("steps", self.steps, 1)
+        if (self.factor is None) == (self.target_length is None):
+            raise ValueError("give exactly one of factor (> 1, relative to the pretrained context) or target_length")
+        if self.factor is not None and (isinstance(self.factor, bool) or not isinstance(self.factor, (int, float))):
+            raise TypeError(f"factor must be a number, got {type(self.factor).__name__} {self.factor!r}")
+        _int("target_length", self.target_length, 1, allow_none=True)
+        if not isinstance(self.method_options, dict):
+            raise TypeError(f"method_options must be a dict, got {type(self.method_options).__name__}")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (name == "learning_rate" and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'learning_rate' else '>= 0'}, "
+                                 f"got {value!r}")
+        _int("warmup_steps", self.warmup_steps, 0, allow_none=True)
+        if self.warmup_steps is not None and self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps must be <= steps ({self.steps}), got {self.warmup_steps}")
+        _choice("lr_scheduler", self.lr_scheduler, tuple(LR_SCHEDULERS))
+        for name in ("batch_size", "grad_accum", "lora_rank", "logging_steps"):
+            _int(name, getattr(self, name), 1)
+        _int("save_steps", self.save_steps, 1, allow_none=True)
+        _int("seed", self.seed, 0)
+        for name in ("lora", "lora_train_embeddings_and_norms", "gradient_checkpointing", "separate_documents",
+                     "progress_bar"):
+            _bool(name, getattr(self, name))
+        if self.lora_train_embeddings_and_norms and not self.lora:
+            raise ValueError("lora_train_embeddings_and_norms needs lora=True (without LoRA everything is trained)")
+        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool)
+                                            or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
+            raise ValueError(f"lora_alpha must be a number > 0, got {self.lora_alpha!r}")
+        if self.lora and not _package_installed("peft"):
+            raise ValueError("lora=True needs the package `peft` (pip install 'longctx-hf[lora]')")
+        _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        if self.attn_implementation == "flash_attention_2" and not _package_installed("flash_attn"):
+            raise ValueError("attn_implementation='flash_attention_2' needs the package `flash-attn` (and a GPU); "
+                             "use 'sdpa' here")
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        self._check_output_and_resume()
+
+    def _check_output_and_resume(self):
+        output = Path(self.output_dir)
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"output_dir {str(output)!r} exists and is not a folder")
+        entries = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+        resume_step = 0
+        if self.resume_from is not None:
+            resume = Path(self.resume_from)
+            if not (resume / STATE_FILE).is_file():
+                raise ValueError(f"resume_from {str(resume)!r} is not a checkpoint folder (no {STATE_FILE}); "
+                                 "give one of the checkpoint-N folders written with save_steps")
+            resume_step = _read_state(resume).global_step
+            if resume_step >= self.steps:
+                raise ValueError(f"resume_from is at step {resume_step}; steps must exceed it, got {self.steps}")
+        # Only our own earlier checkpoints may be in the way, and only when resuming from one of them.
+        own = output.resolve() == Path(self.resume_from).resolve().parent if self.resume_from else False
+        later = [e for e in entries if _CHECKPOINT.match(e) and int(_CHECKPOINT.match(e).group(1)) > resume_step]
+        if entries and (not own or later or any(not _CHECKPOINT.match(e) for e in entries)):
+            raise ValueError(f"output_dir {str(output)!r} is not empty; give a new folder (nothing is overwritten)"
+                             + (f"; it holds checkpoints after step {resume_step}: {later}" if own and later else ""))
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        return min(20, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+
+
+def _package_installed(name) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _read_state(folder):
+    from transformers import TrainerState
+
+    return TrainerState.load_from_json(str(Path(folder) / STATE_FILE))
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: str
+    model: object  # the trained model in memory (LoRA merged), as saved
+    log_history: list
+    is_main_process: bool = True
+
+
+def finetune(model, **options) -> FinetuneResult:
+    """Extend `model` (a folder, Hub id or "smollm2") with `method`, fine-tune it, save it to `output_dir`.
+
+    See `FinetuneOptions` for the options; they are all validated (and the extension is tried on a meta-device
+    copy of the model) before any weights or data are loaded.
+    """
+    return run(check_options(model, **options))
+
+
+def check_options(model, **options) -> FinetuneOptions:
+    """Validated options: types and ranges, data and output folders, and the extension itself on a meta copy."""
+    try:
+        opts = FinetuneOptions(model=model, **options)
+    except TypeError as err:
+        if "unexpected keyword" in str(err):
+            allowed = ", ".join(f.name for f in dataclasses.fields(FinetuneOptions) if f.name != "model")
+            raise TypeError(f"{err}; finetune takes {allowed}") from None
+        raise
+    _check_extension(opts)
+    return opts
+
+
+def _check_extension(opts):
+    """Run the extension on a meta-device copy: a bad method, factor, option or max_length fails in milliseconds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .patch import context_info, extend_context
+    from .real_model import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(str(opts.model)))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    extend_context(skeleton, opts.method, opts.factor, target_length=opts.target_length, **opts.method_options)
+    extended = context_info(skeleton).extended_length
+    if opts.max_length > extended:
+        raise ValueError(f"max_length {opts.max_length} exceeds the extended context {extended}; "
+                         "raise factor/target_length or lower max_length")
+
+
+def _add_lora(model, opts):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or 2 * opts.lora_rank, lora_dropout=0.0,
+                        target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    if opts.lora_train_embeddings_and_norms:
+        # LongLoRA (2309.12307): LoRA alone does not adapt to long context unless embeddings and norms also train.
+        # They are base weights trained in place, so merge_and_unload keeps them as they are.
+        base = model.get_base_model()
+        trainable = [base.get_input_embeddings()] + [m for m in base.modules() if "norm" in type(m).__name__.lower()]
+        for module in trainable:
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RuntimeError("LoRA left no trainable parameter")
+    return model
+
+
+def _load_for_training(opts, model_path):
+    """The extended model ready to train (float32 weights; autocast comes from accelerate), and its use_cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .patch import extend_context
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                 attn_implementation=opts.attn_implementation)
+    extend_context(model, opts.method, opts.factor, target_length=opts.target_length, **opts.method_options)
+    use_cache = model.config.use_cache
+    model.config.use_cache = False  # also what lets transformers read packed documents from position_ids
+    if opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if opts.lora:
+        model = _add_lora(model, opts)
+    model.train()
+    return model, use_cache
+
+
+def run(opts: FinetuneOptions) -> FinetuneResult:
+    """Train with already checked options (see `check_options`)."""
+    import torch
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, TrainerState, get_scheduler
+
+    from .data import packed_dataset
+    from .real_model import resolve_model
+
+    model_path = resolve_model(str(opts.model))
+
+    accelerator = Accelerator(
+        mixed_precision=opts.mixed_precision,
+        # One optimizer step = exactly grad_accum micro-batches, across epoch ends too (so resume can count).
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=opts.grad_accum, sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if opts.lora and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise ValueError(f"lora=True is not supported under {accelerator.distributed_type.name}: merging needs the "
+                         "full adapters on one process; fine-tune without LoRA there")
+    set_seed(opts.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    dataset = packed_dataset(opts.data, tokenizer, opts.max_length, opts.separate_documents, opts.text_column)
+
+    model, use_cache = _load_for_training(opts, model_path)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=opts.learning_rate, weight_decay=opts.weight_decay)
+    scheduler = get_scheduler(LR_SCHEDULERS[opts.lr_scheduler], optimizer, num_warmup_steps=opts.resolved_warmup_steps, num_training_steps=opts.steps)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, shuffle=True, drop_last=True)
+    if len(loader) == 0:
+        raise ValueError(f"the data packs into {len(dataset)} blocks, fewer than batch_size={opts.batch_size}")
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces parameters in prepare
+    # The scheduler is stepped once per optimizer step by hand (not prepared: accelerate would step it once per
+    # process), and saved with the rest of the state.
+    accelerator.register_for_checkpointing(scheduler)
+
+    state = TrainerState(max_steps=opts.steps, logging_steps=opts.logging_steps, save_steps=opts.save_steps or 0,
+                         train_batch_size=opts.batch_size, num_train_epochs=0,
+                         is_local_process_zero=accelerator.is_local_main_process,
+                         is_world_process_zero=accelerator.is_main_process)
+    if opts.resume_from:
+        accelerator.load_state(opts.resume_from)
+        state = _read_state(opts.resume_from)
+        state.max_steps = opts.steps
+    micro_batches_per_epoch = len(loader)
+    tokens_per_micro_batch = opts.batch_size * opts.max_length * accelerator.num_processes
+    micro_done = state.global_step * opts.grad_accum
+    epoch, skip = divmod(micro_done, micro_batches_per_epoch)
+
+    bar = tqdm(total=opts.steps, initial=state.global_step, desc="finetune", unit="step",
+               disable=not (opts.progress_bar and accelerator.is_local_main_process))
+    # The loss is summed on the device (no host sync per micro-batch) and averaged over processes when logged.
+    window_loss = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+    window_micro, started, tokens_run = 0, time.perf_counter(), 0
+    all_loss, all_micro = 0.0, 0
+    grad_norm = None
+    while state.global_step < opts.steps:
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        skip = 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and opts.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, opts.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            window_loss += loss.detach().float()
+            window_micro += 1
+            tokens_run += tokens_per_micro_batch
+            if not accelerator.sync_gradients:
+                continue
+            learning_rate = scheduler.get_last_lr()[0]
+            scheduler.step()
+            state.global_step += 1
+            micro_done += opts.grad_accum
+            state.epoch = micro_done / micro_batches_per_epoch
+            state.num_input_tokens_seen += opts.grad_accum * tokens_per_micro_batch
+            bar.update(1)
+            if state.global_step % opts.logging_steps == 0 or state.global_step == opts.steps:
+                mean_loss = accelerator.reduce(window_loss / window_micro, "mean").item()
+                all_loss, all_micro = all_loss + mean_loss * window_micro, all_micro + window_micro
+                window_loss.zero_()
+                window_micro = 0
+                entry = {"loss": round(mean_loss, 6), "learning_rate": learning_rate, "step": state.global_step,
+                         "epoch": round(state.epoch, 6)}
+                if grad_norm is not None:
+                    entry["grad_norm"] = float(grad_norm)
+                state.log_history.append(entry)
+                tokens_per_second = tokens_run / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
+            if opts.save_steps and state.global_step % opts.save_steps == 0 and state.global_step < opts.steps:
+                _save_checkpoint(accelerator, state, Path(opts.output_dir) / f"checkpoint-{state.global_step}")
+            if state.global_step >= opts.steps:
+                break
+        epoch += 1
+    bar.close()
+
+    runtime = time.perf_counter() - started
+    steps_run = max(1, opts.steps - (_read_state(opts.resume_from).global_step if opts.resume_from else 0))
+    state.log_history.append({
+        "step": state.global_step, "epoch": round(state.epoch, 6), "train_runtime": round(runtime, 4),
+        "train_loss": all_loss / max(all_micro, 1), "train_tokens_per_second": round(tokens_run / runtime, 3),
+        "train_samples_per_second": round(steps_run * opts.grad_accum * opts.batch_size
+                                          * accelerator.num_processes / runtime, 3),
+        "train_steps_per_second": round(steps_run / runtime, 3)})
+    trained = _save_final(accelerator, model, tokenizer, state, opts, use_cache)
+    return FinetuneResult(output_dir=str(opts.output_dir), model=trained, log_history=state.log_history,
+                          is_main_process=accelerator.is_main_process)
+
+
+def _save_checkpoint(accelerator, state, folder: Path):
+    """accelerate's full training state (model, optimizer, scheduler, RNG, sampler) plus our trainer_state.json."""
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        state.save_to_json(str(folder / STATE_FILE))
+    accelerator.wait_for_everyone()
+
+
+def _save_final(accelerator, model, tokenizer, state, opts, use_cache):
+    """One HF checkpoint, written by the main process into a staging folder and then moved into place."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if opts.lora:
+        # Only DDP / one process here (refused under FSDP and DeepSpeed above): the adapters are whole.
+        unwrapped = unwrapped.merge_and_unload()
+        state_dict = unwrapped.state_dict()
+    else:
+        state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards on the main process
+    unwrapped.config.use_cache = use_cache
+    if opts.gradient_checkpointing:
+        unwrapped.gradient_checkpointing_disable()
+    unwrapped.eval()
+    output = Path(opts.output_dir)
+    staging = output / ".staging-final"
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    unwrapped.save_pretrained(str(staging), is_main_process=accelerator.is_main_process, state_dict=state_dict,
+                              save_function=accelerator.save)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(str(staging))
+        state.save_to_json(str(staging / STATE_FILE))
+        for item in sorted(staging.iterdir()):
+            os.replace(item, output / item.name)
+        staging.rmdir()
+    accelerator.wait_for_everyone()
+    return unwrapped

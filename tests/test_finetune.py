@@ -1,0 +1,266 @@
+"""`longctx-hf finetune`: packing, the accelerate loop, resume, LoRA merge, two CPU processes, plain reload."""
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from longctx_hf.data import IGNORE_INDEX, pack
+from longctx_hf.train import check_options, finetune
+from models import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+STDLIB = Path(json.__file__).parents[1]  # Python's own sources: fixed text that is always there
+TEXT = STDLIB / "json" / "decoder.py"
+
+# In a fresh process that never imports longctx_hf: the checkpoint loads plainly and gives the expected logits.
+RELOAD = textwrap.dedent("""
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM
+    folder = sys.argv[1]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    expected = torch.load(folder + "/../expected.pt")
+    with torch.no_grad():
+        same = torch.equal(model(expected["ids"]).logits, expected["logits"])
+    assert "longctx_hf" not in sys.modules
+    print(json.dumps({"same": same, "rope": model.config.rope_parameters}))
+""")
+
+
+def reload_in_fresh_process(folder, model):
+    ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model.eval()(ids).logits
+    torch.save({"ids": ids, "logits": logits}, Path(folder).parent / "expected.pt")
+    out = subprocess.run([sys.executable, "-c", RELOAD, str(folder)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random LLaMA with a small byte-level BPE tokenizer trained on a stdlib file, saved like a Hub model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([TEXT.read_text()], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    model = tiny_model("llama", vocab_size=len(fast), eos_token_id=fast.eos_token_id)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def options(tiny_checkpoint, output, **overrides):
+    return {"model": str(tiny_checkpoint), "method": "yarn", "factor": 2, "data": str(TEXT), "max_length": 64,
+            "steps": 6, "learning_rate": 2e-3, "output_dir": str(output), "progress_bar": False, **overrides}
+
+
+def test_pack_positions_and_labels():
+    blocks = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], eos_token_id=0, max_length=6)
+    # stream: 1 2 3 0 | 4 5 0 | 6 7 8 9 0  -> two blocks of 6, the 0 tail token dropped
+    assert blocks["input_ids"].tolist() == [[1, 2, 3, 0, 4, 5], [0, 6, 7, 8, 9, 0]]
+    assert blocks["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 0, 1, 2, 3, 4]]
+    # a document's first token is not predicted from the previous document (a block's first label is never a
+    # target anyway: the causal-LM loss predicts labels[1:] from logits[:-1])
+    assert blocks["labels"].tolist() == [[IGNORE_INDEX, 2, 3, 0, IGNORE_INDEX, 5], [0, IGNORE_INDEX, 7, 8, 9, 0]]
+    plain = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], eos_token_id=0, max_length=6, separate_documents=False)
+    assert plain["position_ids"].tolist() == [list(range(6))] * 2
+    assert torch.equal(plain["labels"], plain["input_ids"])
+    with pytest.raises(ValueError, match="fewer than max_length=64"):
+        pack([[1, 2, 3]], eos_token_id=0, max_length=64)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_documents_do_not_see_each_other(attn):
+    """Restarting position ids is what keeps documents apart in transformers: packed logits = each one alone."""
+    model = tiny_model("llama", attn_implementation=attn)
+    first, second = torch.randint(0, 128, (1, 20)), torch.randint(0, 128, (1, 12))
+    blocks = pack([first[0].tolist(), second[0].tolist()], eos_token_id=5, max_length=34)
+    with torch.no_grad():
+        # use_cache=False as in training: transformers reads packing from position ids only without a cache
+        packed = model(blocks["input_ids"], position_ids=blocks["position_ids"], use_cache=False).logits[0]
+        alone = [model(torch.cat([doc, torch.tensor([[5]])], 1)).logits[0] for doc in (first, second)]
+        concatenated = model(blocks["input_ids"]).logits[0]
+    torch.testing.assert_close(packed[:21], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[21:], alone[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(concatenated[21:], alone[1], atol=1e-3)  # without restarts they do mix
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"max_length": 0}, "max_length must be >= 2"),
+    ({"steps": 2.5}, "steps must be an int"),
+    ({"factor": None}, "exactly one of factor"),
+    ({"target_length": 1024}, "exactly one of factor"),
+    ({"learning_rate": 0}, "learning_rate must be a finite number > 0"),
+    ({"warmup_steps": 7}, "warmup_steps must be <= steps"),
+    ({"attn_implementation": "flash"}, "attn_implementation must be one of"),
+    ({"attn_implementation": "flash_attention_2"}, "needs the package `flash-attn`"),
+    ({"lora_train_embeddings_and_norms": True}, "needs lora=True"),
+    ({"lora": "yes"}, "lora must be True or False"),
+    ({"data": "no/such/file.txt"}, "data: no such file or folder"),
+    ({"data": "owner/some-dataset"}, "optional package `datasets`"),
+    ({"mixed_precision": "fp32"}, "mixed_precision must be one of"),
+    ({"lr_scheduler": "poly"}, "lr_scheduler must be one of"),
+    ({"resume_from": "."}, "not a checkpoint folder"),
+    ({"max_lenght": 64}, "finetune takes .*max_length"),
+])
+def test_bad_options_are_refused_before_loading(tmp_path, bad, message):
+    # The model path does not exist: these errors come before anything is read from it.
+    if "datasets" in message and importlib.util.find_spec("datasets"):
+        pytest.skip("datasets is installed here")
+    with pytest.raises((ValueError, TypeError), match=message):
+        check_options(**options("/nonexistent/model", tmp_path / "out", **bad))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_extension_and_output_are_refused_before_loading(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="factor must be > 1"):
+        check_options(**options(tiny_checkpoint, tmp_path / "out", factor=0.5))
+    with pytest.raises(ValueError, match="max_length 1024 exceeds the extended context 512"):
+        check_options(**options(tiny_checkpoint, tmp_path / "out", max_length=1024))
+    with pytest.raises(ValueError, match="unknown option.*beta_fats"):
+        check_options(**options(tiny_checkpoint, tmp_path / "out", method_options={"beta_fats": 64}))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="is not empty"):
+        check_options(**options(tiny_checkpoint, tmp_path / "mine"))
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+def test_finetune_resume_and_plain_reload(tiny_checkpoint, tmp_path):
+    full = finetune(**options(tiny_checkpoint, tmp_path / "full", save_steps=3))
+    state = json.loads((tmp_path / "full" / "trainer_state.json").read_text())
+    steps = [e for e in state["log_history"] if "loss" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6] and state["global_step"] == state["max_steps"] == 6
+    assert set(steps[0]) >= {"loss", "learning_rate", "step", "epoch", "grad_norm"}
+    assert "train_runtime" in state["log_history"][-1]
+    # warmup min(20, 6 // 10) = 0, then linear decay: the lr of step k is 2e-3 * (6 - (k - 1)) / 6
+    assert [e["learning_rate"] for e in steps] == pytest.approx([2e-3 * (7 - k) / 6 for k in range(1, 7)])
+    assert sorted(os.listdir(tmp_path / "full" / "checkpoint-3")) == [
+        "custom_checkpoint_0.pkl", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"]
+
+    # Resuming from step 3 continues the count and reproduces the uninterrupted run exactly.
+    resumed = finetune(**options(tiny_checkpoint, tmp_path / "resumed",
+                                 resume_from=str(tmp_path / "full" / "checkpoint-3")))
+    assert [(e["step"], e["loss"]) for e in resumed.log_history if "loss" in e] == [
+        (e["step"], e["loss"]) for e in steps]
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = load_file(tiny_checkpoint / "model.safetensors")
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "yarn" and config["max_position_embeddings"] == 512
+    assert config["use_cache"] is True  # training switched it off; the saved model is for inference
+    reloaded = reload_in_fresh_process(tmp_path / "full", full.model)
+    assert reloaded["same"] and reloaded["rope"]["factor"] == 2.0
+
+
+def test_gradient_checkpointing_trains_the_same(tiny_checkpoint, tmp_path):
+    plain = finetune(**options(tiny_checkpoint, tmp_path / "plain", steps=3))
+    checkpointed = finetune(**options(tiny_checkpoint, tmp_path / "ckpt", steps=3, gradient_checkpointing=True))
+    losses = [[e["loss"] for e in r.log_history if "loss" in e] for r in (plain, checkpointed)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for a, b in zip(plain.model.parameters(), checkpointed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not checkpointed.model.is_activation_checkpointing  # switched off again in the returned model
+
+
+def test_lora_with_embeddings_and_norms_merges_into_plain_weights(tiny_checkpoint, tmp_path):
+    result = finetune(**options(tiny_checkpoint, tmp_path / "lora", lora=True, lora_rank=4,
+                                lora_train_embeddings_and_norms=True, learning_rate=1e-2, steps=3,
+                                gradient_checkpointing=True))
+    assert sorted(os.listdir(tmp_path / "lora")) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "trainer_state.json"]  # no adapter files: LoRA is merged
+    merged, base = load_file(tmp_path / "lora" / "model.safetensors"), load_file(tiny_checkpoint / "model.safetensors")
+    assert merged.keys() == base.keys()  # plain names, no base_layer / lora_A
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                 "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight"):
+        assert not torch.equal(merged[name], base[name]), name
+    assert reload_in_fresh_process(tmp_path / "lora", result.model)["same"]
+
+
+def test_lora_alone_keeps_embeddings_and_norms(tiny_checkpoint, tmp_path):
+    finetune(**options(tiny_checkpoint, tmp_path / "lora", lora=True, lora_rank=4, learning_rate=1e-2, steps=2))
+    merged, base = load_file(tmp_path / "lora" / "model.safetensors"), load_file(tiny_checkpoint / "model.safetensors")
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
+    assert not torch.equal(merged["model.layers.0.self_attn.v_proj.weight"],
+                           base["model.layers.0.self_attn.v_proj.weight"])
+
+
+def test_two_cpu_processes_write_one_checkpoint(tiny_checkpoint, tmp_path):
+    """A real `accelerate launch` of two gloo processes through the CLI module entry point."""
+    output = tmp_path / "ddp"
+    with socket.socket() as probe:  # a free port: other jobs on this machine may hold a fixed one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               str(REPO / "configs" / "cpu_2proc.yaml"), "--num_processes", "2", "--main_process_port", str(port),
+               "-m", "longctx_hf.cli", "finetune", str(tiny_checkpoint), "--method", "yarn", "--factor", "2",
+               "--data", str(STDLIB / "json"), "--max-length", "64", "--steps", "4", "--save-steps", "2",
+               "--learning-rate", "1e-3", "--output", str(output)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("saved ") == 1, out.stdout  # printed by the main process only
+    # both ranks took part in the checkpoint (one RNG state each); the result is one checkpoint
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(output / "checkpoint-2"))
+    assert sorted(p for p in os.listdir(output) if not p.startswith("checkpoint-")) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "trainer_state.json"]
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.config.rope_parameters["rope_type"] == "yarn"
+    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+@pytest.mark.real_model
+def test_smollm2_loss_decreases_and_reloads_plainly(tmp_path):
+    from longctx_hf.real_model import smollm2_path
+
+    # ~4 blocks of 512 tokens of a fixed stdlib file: 12 steps see each block three times.
+    text = tmp_path / "text.txt"
+    text.write_text((STDLIB / "textwrap.py").read_text()[:7000])
+    result = finetune(smollm2_path(), method="yarn", factor=2, data=str(text), max_length=512, steps=12,
+                      learning_rate=1e-4, warmup_steps=2, output_dir=str(tmp_path / "out"), progress_bar=False)
+    losses = [e["loss"] for e in result.log_history if "loss" in e]
+    assert len(losses) == 12
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    print(f"SmolLM2 losses over 12 steps: {losses}; first 3 mean {first:.4f}, last 3 mean {last:.4f}")
+    assert last < first - 0.3, losses
+    reloaded = reload_in_fresh_process(tmp_path / "out", result.model)
+    assert reloaded["same"]
+    assert reloaded["rope"]["rope_type"] == "yarn" and reloaded["rope"]["original_max_position_embeddings"] == 8192
+
+
+def test_resume_into_the_checkpoints_own_folder(tiny_checkpoint, tmp_path):
+    from transformers import TrainerState
+
+    for step in (3, 6):
+        (tmp_path / "out" / f"checkpoint-{step}").mkdir(parents=True)
+        TrainerState(global_step=step).save_to_json(str(tmp_path / "out" / f"checkpoint-{step}" / "trainer_state.json"))
+    resume = str(tmp_path / "out" / "checkpoint-3")
+    with pytest.raises(ValueError, match=r"holds checkpoints after step 3: \['checkpoint-6'\]"):
+        check_options(**options(tiny_checkpoint, tmp_path / "out", steps=8, resume_from=resume))
+    with pytest.raises(ValueError, match="resume_from is at step 6; steps must exceed it"):
+        check_options(**options(tiny_checkpoint, tmp_path / "out", steps=6, resume_from=str(tmp_path / "out" / "checkpoint-6")))
+    shutil.rmtree(tmp_path / "out" / "checkpoint-6")
+    assert check_options(**options(tiny_checkpoint, tmp_path / "out", steps=8, resume_from=resume)).steps == 8
