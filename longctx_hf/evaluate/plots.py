@@ -1,0 +1,70 @@
+"""The two pictures of an evaluation, drawn from a results dict (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(run) -> str:
+    return "none (unextended)" if run["method"] == "none" else f"{run['method']} ×{run['factor']:g}"
+
+
+def ppl_vs_length(results: dict, path) -> None:
+    """One line per method plus the sliding-window baseline; the pretrained length marked."""
+    plt = _pyplot()
+    runs = [run for run in results["runs"] if "perplexity" in run]
+    window = results["pretrained_length"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    rows = runs[0]["perplexity"]
+    ax.plot([r["length"] for r in rows], [r["baseline_ppl"] for r in rows], "k--", marker="s",
+            label=f"baseline: unextended, {window}-token sliding window")
+    for run in runs:
+        ax.plot([r["length"] for r in run["perplexity"]], [r["ppl"] for r in run["perplexity"]], marker="o",
+                label=_label(run))
+    ax.axvline(window, color="grey", linestyle=":", label=f"pretrained length ({window})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    lengths = [r["length"] for r in rows]
+    ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(f"perplexity of the same last {results['tokens_scored']} tokens (log scale)")
+    ax.set_title(f"{results['model']}: perplexity vs context length (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def passkey_heatmap(results: dict, path) -> None:
+    """One panel per method: depth (rows) x length (columns), colour = accuracy, cells annotated correct/trials."""
+    plt = _pyplot()
+    runs = [run for run in results["runs"] if "passkey" in run]
+    lengths = sorted({cell["length"] for cell in runs[0]["passkey"]})
+    depths = sorted({cell["depth"] for cell in runs[0]["passkey"]})
+    fig, axes = plt.subplots(1, len(runs), figsize=(1.2 + (1.0 + 0.9 * len(lengths)) * len(runs), 1.6 + 0.6 * len(depths)),
+                             squeeze=False)
+    image = None
+    for ax, run in zip(axes[0], runs):
+        cells = {(c["depth"], c["length"]): c for c in run["passkey"]}
+        grid = [[cells[(d, n)]["accuracy"] for n in lengths] for d in depths]
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+        for i, d in enumerate(depths):
+            for j, n in enumerate(lengths):
+                cell = cells[(d, n)]
+                ax.text(j, i, f"{cell['correct']}/{cell['trials']}", ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(_label(run), fontsize=10)
+    axes[0][0].set_ylabel("key depth in the prompt")
+    fig.colorbar(image, ax=list(axes[0]), label="accuracy (correct / trials)", fraction=0.05)
+    fig.suptitle(f"{results['model']}: passkey retrieval (greedy decoding)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
