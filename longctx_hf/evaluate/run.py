@@ -49,7 +49,10 @@ def check_options(*, methods, lengths, tasks, depths, trials, factor, dtype, dev
         raise TypeError(f"methods (--method) must be a non-empty list of names, got {methods!r}")
     for name in methods:
         if name != "none":
-            get_method(name)  # a ValueError listing the known methods
+            try:
+                get_method(name)
+            except ValueError as err:  # it lists the known methods
+                raise ValueError(f"methods (--method): {err}; or 'none' for the model as loaded") from None
     if len(set(methods)) != len(methods):
         raise ValueError(f"methods (--method) lists a method twice: {list(methods)}")
     if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in lengths):
