@@ -13,7 +13,7 @@ from longctx_hf.evaluate import evaluate_model
 
 if __name__ == "__main__":
     start = time.perf_counter()
-    results = evaluate_model("smollm2", ["none", "yarn", "ntk", "dynamic_ntk", "pi"], factor=2,
+    results = evaluate_model("smollm2", ["yarn", "none", "ntk", "dynamic_ntk", "pi"], factor=2,
                              lengths=[8192, 16384], tasks=["ppl", "passkey"], passkey_lengths=[16384], depths=[0.1, 0.5, 0.9], trials=1,
                              output=sys.argv[1] if len(sys.argv) > 1 else "eval-smollm2")
     print(f"total {time.perf_counter() - start:.0f} s")

@@ -6,6 +6,7 @@ no second copy of the weights is ever needed.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -122,6 +123,7 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
     if text is not None and text_file is not None:
         raise ValueError("give text or text_file (--text), not both")
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .. import extend_context
@@ -152,48 +154,64 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
 
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), device_map=device_map).eval()
+    def load():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), device_map=device_map).eval()
+
+    state = {"model": load(), "method": "none"}
+
+    def use(method):
+        """Put the one loaded model into `method`'s state: re-extension replaces; "none" after an extension
+        reloads (the old weights are dropped first, so there is never a second copy)."""
+        if method == state["method"]:
+            return state["model"]
+        if method == "none":
+            state["model"] = None
+            gc.collect()
+            state["model"] = load()
+        elif method != "none":
+            extend_context(state["model"], method, factor=factor)
+        state["method"] = method
+        return state["model"]
+
     results = {"model": str(model), "model_path": path, "pretrained_length": window,
                "runs": [{"method": m, "factor": None if m == "none" else float(factor), "options": {}}
                         for m in methods],
                "baseline": BASELINE, "text": text_name if ids is not None else None,
-               "lengths": lengths, "passkey_lengths": passkey_lengths, "depths": depths, "trials": trials, "tokens_scored": num_scored,
-               "baseline_stride": stride or max(window // 4, 1), "dtype": dtype, "device_map": device_map,
-               "seed": seed, "versions": _versions(), "plots": {}, "complete": False}
+               "lengths": lengths, "passkey_lengths": passkey_lengths, "depths": depths, "trials": trials,
+               "tokens_scored": num_scored, "baseline_stride": stride or max(window // 4, 1), "dtype": dtype,
+               "device_map": device_map, "seed": seed, "versions": _versions(), "plots": {}, "complete": False}
     runs = {run["method"]: run for run in results["runs"]}
 
     def save():
         _write_atomic(output / "results.json", json.dumps(results, indent=2) + "\n")
 
-    baseline = {}
-    if ids is not None:  # unextended, so before any extension
-        from tqdm.auto import tqdm
-
+    # Perplexity of every method first (cheaper than passkey, so a cut-off run still has the whole ppl table),
+    # the unextended model's work (baseline, "none") before any extension.
+    if ids is not None:
+        baseline = {}
         for length in tqdm(lengths, desc="baseline", disable=not progress):
             start = time.perf_counter()
-            nll = sliding_window_nll(loaded, ids[-length:], num_scored, window, stride, progress=progress)
+            nll = sliding_window_nll(use("none"), ids[-length:], num_scored, window, stride, progress=progress)
             baseline[length] = (perplexity(nll, num_scored), time.perf_counter() - start)
         results["baseline_perplexity"] = [{"length": n, "ppl": p, "seconds": s} for n, (p, s) in baseline.items()]
         save()
-    for method in (["none"] if "none" in methods else []) + extended:  # unextended work first
-        run = runs[method]
-        if method != "none":
-            extend_context(loaded, method, factor=factor)
-        if ids is not None:
-            from tqdm.auto import tqdm
-
+        for method in (["none"] if "none" in methods else []) + extended:
+            run = runs[method]
             run["perplexity"] = []
             for length in tqdm(lengths, desc=f"{method} perplexity", disable=not progress):
                 start = time.perf_counter()
                 if method == "none" and length <= window:  # identical computation to the baseline's
                     ppl = baseline[length][0]
                 else:
-                    ppl = perplexity(nll_of_last(loaded, ids[-length:], num_scored), num_scored)
+                    ppl = perplexity(nll_of_last(use(method), ids[-length:], num_scored), num_scored)
                 run["perplexity"].append({"length": length, "ppl": ppl, "baseline_ppl": baseline[length][0],
                                           "tokens_scored": num_scored, "seconds": time.perf_counter() - start})
                 save()
-        if "passkey" in tasks:
-            run["passkey"] = passkey_grid(loaded, tokenizer, passkey_lengths, depths, trials, seed, progress=progress)
+    if "passkey" in tasks:  # in the caller's order; "none" first when nothing is extended yet (no reload)
+        order = sorted(methods, key=lambda m: m != "none") if state["method"] == "none" else methods
+        for method in order:
+            runs[method]["passkey"] = passkey_grid(use(method), tokenizer, passkey_lengths, depths, trials, seed,
+                                                   progress=progress)
             save()
     results["complete"] = True
     write_reports(results, output)
