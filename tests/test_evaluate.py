@@ -213,3 +213,22 @@ def test_default_text_is_long_and_deterministic():
     text = perplexity_module.default_text(min_chars=200_000)
     assert len(text) >= 200_000 and text == perplexity_module.default_text(min_chars=200_000)
     assert "def " in text and "import " in text
+
+
+@pytest.mark.real_model
+def test_cli_eval_on_real_smollm2(tmp_path):
+    """The `smollm2` name end to end, cheaply: 1k/2k perplexity on the default text, a 1k passkey it can find."""
+    out = tmp_path / "out"
+    done = cli("smollm2", "--method", "none,yarn", "--factor", "2", "--lengths", "1k,2k", "--passkey-lengths", "1k",
+               "--depths", "0.5", "--trials", "1", "--output", str(out), timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["pretrained_length"] == 8192 and "standard library" in results["text"]
+    none, yarn = results["runs"]
+    for row in none["perplexity"]:
+        assert row["ppl"] == row["baseline_ppl"] < 10  # within the 8k window the baseline is the model itself
+    short, long = none["perplexity"]
+    assert long["ppl"] < short["ppl"]  # the same 512 tokens, predicted from twice as much context
+    for ours, theirs in zip(yarn["perplexity"], none["perplexity"]):
+        assert ours["ppl"] == pytest.approx(theirs["ppl"], rel=0.1)  # x2 barely changes short contexts
+    assert none["passkey"][0]["correct"] == 1, none["passkey"][0]["answers"]

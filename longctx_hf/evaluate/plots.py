@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 
+def _length(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
 def _pyplot():
     import matplotlib
 
@@ -11,6 +15,7 @@ def _pyplot():
     return plt
 
 
+
 def _label(run) -> str:
     return "none (unextended)" if run["method"] == "none" else f"{run['method']} ×{run['factor']:g}"
 
@@ -18,6 +23,8 @@ def _label(run) -> str:
 def ppl_vs_length(results: dict, path) -> None:
     """One line per method plus the sliding-window baseline; the pretrained length marked."""
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
     runs = [run for run in results["runs"] if "perplexity" in run]
     window = results["pretrained_length"]
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -27,11 +34,18 @@ def ppl_vs_length(results: dict, path) -> None:
     for run in runs:
         ax.plot([r["length"] for r in run["perplexity"]], [r["ppl"] for r in run["perplexity"]], marker="o",
                 label=_label(run))
-    ax.axvline(window, color="grey", linestyle=":", label=f"pretrained length ({window})")
+    lengths = [r["length"] for r in rows]
+    if min(lengths) <= window <= max(lengths):
+        ax.axvline(window, color="grey", linestyle=":", label=f"pretrained length ({window})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    lengths = [r["length"] for r in rows]
-    ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_xticks(lengths, [_length(n) for n in lengths])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(min(lengths) / 1.3, max(lengths) * 1.3)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel(f"perplexity of the same last {results['tokens_scored']} tokens (log scale)")
     ax.set_title(f"{results['model']}: perplexity vs context length (lower is better)")
@@ -48,8 +62,9 @@ def passkey_heatmap(results: dict, path) -> None:
     runs = [run for run in results["runs"] if "passkey" in run]
     lengths = sorted({cell["length"] for cell in runs[0]["passkey"]})
     depths = sorted({cell["depth"] for cell in runs[0]["passkey"]})
-    fig, axes = plt.subplots(1, len(runs), figsize=(1.2 + (1.0 + 0.9 * len(lengths)) * len(runs), 1.6 + 0.6 * len(depths)),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(1.5 + (1.2 + 0.9 * len(lengths)) * len(runs),
+                                                    2.0 + 0.6 * len(depths)),
+                             squeeze=False, sharey=True, layout="constrained")
     image = None
     for ax, run in zip(axes[0], runs):
         cells = {(c["depth"], c["length"]): c for c in run["passkey"]}
@@ -58,13 +73,15 @@ def passkey_heatmap(results: dict, path) -> None:
         for i, d in enumerate(depths):
             for j, n in enumerate(lengths):
                 cell = cells[(d, n)]
-                ax.text(j, i, f"{cell['correct']}/{cell['trials']}", ha="center", va="center", fontsize=9)
-        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+                dark = not 0.25 <= cell["accuracy"] <= 0.75
+                ax.text(j, i, f"{cell['correct']}/{cell['trials']}\n{cell['accuracy']:.0%}", ha="center",
+                        va="center", fontsize=9, color="white" if dark else "black")
+        ax.set_xticks(range(len(lengths)), [_length(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("prompt length (tokens)")
         ax.set_title(_label(run), fontsize=10)
     axes[0][0].set_ylabel("key depth in the prompt")
     fig.colorbar(image, ax=list(axes[0]), label="accuracy (correct / trials)", fraction=0.05)
     fig.suptitle(f"{results['model']}: passkey retrieval (greedy decoding)")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
