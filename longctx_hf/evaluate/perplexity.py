@@ -55,7 +55,7 @@ def nll_of_last(model, ids, num_scored: int) -> float:
         raise ValueError(f"num_scored must be in [1, {len(ids) - 1}] for {len(ids)} tokens, got {num_scored}")
     device = model.get_input_embeddings().weight.device
     with torch.no_grad():
-        hidden = model.base_model(ids[None].to(device)).last_hidden_state[0]
+        hidden = model.base_model(ids[None].to(device), use_cache=False).last_hidden_state[0]
         total = 0.0
         # position p predicts token p + 1
         for start in range(len(ids) - 1 - num_scored, len(ids) - 1, SLICE):

@@ -28,12 +28,17 @@ def ppl_vs_length(results: dict, path) -> None:
     runs = [run for run in results["runs"] if "perplexity" in run]
     window = results["pretrained_length"]
     fig, ax = plt.subplots(figsize=(8, 5))
-    rows = runs[0]["perplexity"]
-    ax.plot([r["length"] for r in rows], [r["baseline_ppl"] for r in rows], "k--", marker="s",
+    rows = results["baseline_perplexity"]
+    ax.plot([r["length"] for r in rows], [r["ppl"] for r in rows], "k--", marker="s",
             label=f"baseline: unextended, {window}-token sliding window")
+    ax.annotate(f"{rows[-1]['ppl']:.2f}", (rows[-1]["length"], rows[-1]["ppl"]), textcoords="offset points",
+                xytext=(-8, 0), ha="right", va="center", fontsize=8)
     for run in runs:
-        ax.plot([r["length"] for r in run["perplexity"]], [r["ppl"] for r in run["perplexity"]], marker="o",
-                label=_label(run))
+        line, = ax.plot([r["length"] for r in run["perplexity"]], [r["ppl"] for r in run["perplexity"]],
+                        marker="o", label=_label(run))
+        last = run["perplexity"][-1]
+        ax.annotate(f"{last['ppl']:.2f}", (last["length"], last["ppl"]), textcoords="offset points", xytext=(8, 0),
+                    va="center", fontsize=8, color=line.get_color())
     lengths = [r["length"] for r in rows]
     if min(lengths) <= window <= max(lengths):
         ax.axvline(window, color="grey", linestyle=":", label=f"pretrained length ({window})")

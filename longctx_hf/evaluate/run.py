@@ -109,7 +109,8 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
     """Compare `methods` ("none" = the model as loaded) on perplexity vs length and passkey retrieval.
 
     `model` is a folder, a Hub id or "smollm2". Perplexity: at every length, the last `num_scored` tokens
-    (default: half the shortest length) of the same text, with the full context; next to the baseline, the
+    (default: half the shortest length) of the same text (`text`, or the file `text_file`, default the Python
+    standard library sources), with the full context; next to the baseline, the
     unextended model seeing at most its pretrained length (window chunks of `stride`, default a quarter window).
     Passkey: `passkey_lengths` (default `lengths`) x `depths`, `trials` keys per cell.
     `factor` default: the smallest that covers the longest length. Writes results.json, results.md and the PNGs
@@ -117,9 +118,9 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
     """
     lengths, depths, tasks, methods = sorted(set(lengths)), list(depths), list(tasks), list(methods)
     passkey_lengths = lengths if passkey_lengths is None else sorted(set(passkey_lengths))
-    check_options(methods=methods, lengths=lengths + passkey_lengths, tasks=tasks, depths=depths, trials=trials, factor=factor,
-                  dtype=dtype, device_map=device_map, output=output, num_scored=num_scored, stride=stride,
-                  text_file=text_file)
+    check_options(methods=methods, lengths=lengths + passkey_lengths, tasks=tasks, depths=depths, trials=trials,
+                  factor=factor, dtype=dtype, device_map=device_map, output=output, num_scored=num_scored,
+                  stride=stride, text_file=text_file)
     if text is not None and text_file is not None:
         raise ValueError("give text or text_file (--text), not both")
     import torch
@@ -168,7 +169,7 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
             state["model"] = None
             gc.collect()
             state["model"] = load()
-        elif method != "none":
+        else:
             extend_context(state["model"], method, factor=factor)
         state["method"] = method
         return state["model"]
@@ -244,17 +245,18 @@ def markdown_table(results: dict) -> str:
     lines = []
     with_ppl = [run for run in results["runs"] if "perplexity" in run]
     if with_ppl:
-        lengths = [row["length"] for row in with_ppl[0]["perplexity"]]
+        lengths = results["lengths"]
         window = results["pretrained_length"]
         lines += [f"Perplexity of the same last {results['tokens_scored']} tokens, by context length "
                   f"({results['model']}, pretrained length {window}):", "",
                   "| method | " + " | ".join(str(n) for n in lengths) + " |",
                   "|---|" + "---|" * len(lengths)]
-        baseline = {row["length"]: row["baseline_ppl"] for row in with_ppl[0]["perplexity"]}
+        baseline = {row["length"]: row["ppl"] for row in results["baseline_perplexity"]}
         lines.append(f"| baseline: unextended, {window}-token window | "
                      + " | ".join(f"{baseline[n]:.2f}" for n in lengths) + " |")
         for run in with_ppl:
-            lines.append(f"| {_method_label(run)} | " + " | ".join(f"{row['ppl']:.2f}" for row in run["perplexity"])
+            measured = {row["length"]: f"{row['ppl']:.2f}" for row in run["perplexity"]}
+            lines.append(f"| {_method_label(run)} | " + " | ".join(measured.get(n, "not run") for n in lengths)
                          + " |")
         lines.append("")
     with_passkey = [run for run in results["runs"] if "passkey" in run]
