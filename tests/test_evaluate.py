@@ -232,3 +232,21 @@ def test_cli_eval_on_real_smollm2(tmp_path):
     for ours, theirs in zip(yarn["perplexity"], none["perplexity"]):
         assert ours["ppl"] == pytest.approx(theirs["ppl"], rel=0.1)  # x2 barely changes short contexts
     assert none["passkey"][0]["correct"] == 1, none["passkey"][0]["answers"]
+
+
+def test_reports_from_a_cut_off_run(tmp_path):
+    """A run stopped mid-way (one method without numbers yet) still gives a table and both plots."""
+    from longctx_hf.evaluate import write_reports
+
+    row = {"length": 16384, "ppl": 4.6, "baseline_ppl": 4.5, "tokens_scored": 8192}
+    cell = {"length": 16384, "depth": 0.5, "trials": 2, "correct": 1, "accuracy": 0.5}
+    results = {"model": "m", "pretrained_length": 8192, "lengths": [16384], "depths": [0.5], "tokens_scored": 8192,
+               "baseline_perplexity": [{"length": 16384, "ppl": 4.5}], "plots": {}, "complete": False,
+               "runs": [{"method": "yarn", "factor": 2.0, "options": {}, "perplexity": [row], "passkey": [cell]},
+                        {"method": "pi", "factor": 2.0, "options": {}, "perplexity": []}]}
+    table = write_reports(results, tmp_path)
+    assert "| yarn x2 | 4.60 |" in table and "| baseline: unextended, 8192-token window | 4.50 |" in table
+    assert "| yarn x2 | 1/2 (50%) |" in table and "pi" not in table
+    assert _valid_png(tmp_path / "ppl_vs_length.png") and _valid_png(tmp_path / "passkey_heatmap.png")
+    assert json.loads((tmp_path / "results.json").read_text())["plots"] == {
+        "ppl_vs_length": "ppl_vs_length.png", "passkey_heatmap": "passkey_heatmap.png"}

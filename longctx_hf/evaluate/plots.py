@@ -25,7 +25,7 @@ def ppl_vs_length(results: dict, path) -> None:
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter, NullLocator
 
-    runs = [run for run in results["runs"] if "perplexity" in run]
+    runs = [run for run in results["runs"] if run.get("perplexity")]
     window = results["pretrained_length"]
     fig, ax = plt.subplots(figsize=(8, 5))
     rows = results["baseline_perplexity"]
@@ -64,7 +64,7 @@ def ppl_vs_length(results: dict, path) -> None:
 def passkey_heatmap(results: dict, path) -> None:
     """One panel per method: depth (rows) x length (columns), colour = accuracy, cells annotated correct/trials."""
     plt = _pyplot()
-    runs = [run for run in results["runs"] if "passkey" in run]
+    runs = [run for run in results["runs"] if run.get("passkey")]
     lengths = sorted({cell["length"] for cell in runs[0]["passkey"]})
     depths = sorted({cell["depth"] for cell in runs[0]["passkey"]})
     fig, axes = plt.subplots(1, len(runs), figsize=(1.5 + (1.2 + 0.9 * len(lengths)) * len(runs),

@@ -224,10 +224,10 @@ def write_reports(results: dict, output) -> str:
     from .plots import passkey_heatmap, ppl_vs_length
 
     output = Path(output)
-    if any("perplexity" in run for run in results["runs"]):
+    if any(run.get("perplexity") for run in results["runs"]):
         ppl_vs_length(results, output / "ppl_vs_length.png")
         results["plots"]["ppl_vs_length"] = "ppl_vs_length.png"
-    if any("passkey" in run for run in results["runs"]):
+    if any(run.get("passkey") for run in results["runs"]):
         passkey_heatmap(results, output / "passkey_heatmap.png")
         results["plots"]["passkey_heatmap"] = "passkey_heatmap.png"
     table = markdown_table(results)
@@ -243,7 +243,7 @@ def _method_label(run) -> str:
 def markdown_table(results: dict) -> str:
     """Perplexity per length (with the baseline) and passkey accuracy per length, one row per method."""
     lines = []
-    with_ppl = [run for run in results["runs"] if "perplexity" in run]
+    with_ppl = [run for run in results["runs"] if run.get("perplexity")]
     if with_ppl:
         lengths = results["lengths"]
         window = results["pretrained_length"]
@@ -259,7 +259,7 @@ def markdown_table(results: dict) -> str:
             lines.append(f"| {_method_label(run)} | " + " | ".join(measured.get(n, "not run") for n in lengths)
                          + " |")
         lines.append("")
-    with_passkey = [run for run in results["runs"] if "passkey" in run]
+    with_passkey = [run for run in results["runs"] if run.get("passkey")]
     if with_passkey:
         lengths = sorted({cell["length"] for cell in with_passkey[0]["passkey"]})
         lines += [f"Passkey retrieval, correct / trials over depths {results['depths']}:", "",
