@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["extend_context", "context_info", "ContextInfo", "METHODS"]
+__all__ = ["extend_context", "context_info", "ContextInfo", "METHODS", "evaluate_model"]
 
 
 def __getattr__(name):
@@ -15,6 +15,10 @@ def __getattr__(name):
         from .hf_config import ContextInfo
 
         return ContextInfo
+    if name == "evaluate_model":
+        from .evaluate.run import evaluate_model
+
+        return evaluate_model
     if name == "METHODS":
         from .methods import METHODS
 
