@@ -33,12 +33,18 @@ def ppl_vs_length(results: dict, path) -> None:
             label=f"baseline: unextended, {window}-token sliding window")
     ax.annotate(f"{rows[-1]['ppl']:.2f}", (rows[-1]["length"], rows[-1]["ppl"]), textcoords="offset points",
                 xytext=(-8, 0), ha="right", va="center", fontsize=8)
+    labels = []
     for run in runs:
         line, = ax.plot([r["length"] for r in run["perplexity"]], [r["ppl"] for r in run["perplexity"]],
                         marker="o", label=_label(run))
-        last = run["perplexity"][-1]
-        ax.annotate(f"{last['ppl']:.2f}", (last["length"], last["ppl"]), textcoords="offset points", xytext=(8, 0),
-                    va="center", fontsize=8, color=line.get_color())
+        labels.append((run["perplexity"][-1], line.get_color()))
+    lift, previous = 0, None
+    for last, color in sorted(labels, key=lambda item: item[0]["ppl"]):  # values at the longest length
+        close = previous is not None and last["ppl"] < previous * 1.06  # would overlap: stack upwards
+        lift = lift + 10 if close else 0
+        previous = last["ppl"]
+        ax.annotate(f"{last['ppl']:.2f}", (last["length"], last["ppl"]), textcoords="offset points",
+                    xytext=(8, lift), va="center", fontsize=8, color=color)
     lengths = [r["length"] for r in rows]
     if min(lengths) <= window <= max(lengths):
         ax.axvline(window, color="grey", linestyle=":", label=f"pretrained length ({window})")
