@@ -7,7 +7,7 @@ import sys
 __version__ = "0.1.0"
 __all__ = ["extend_context", "context_info", "from_pretrained", "ContextInfo", "METHODS", "extend_checkpoint",
            "push_to_hub", "alibi_model_from_config", "finetune",
-           "FinetuneOptions"]
+           "FinetuneOptions", "evaluate_model"]
 
 
 def __getattr__(name):
@@ -36,6 +36,10 @@ def __getattr__(name):
         from . import train
 
         return getattr(train, name)
+    if name == "evaluate_model":
+        from .evaluate.run import evaluate_model
+
+        return evaluate_model
     if name == "METHODS":
         from .methods import METHODS
 

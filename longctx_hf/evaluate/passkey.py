@@ -30,3 +30,26 @@ def passkey_trial(model, tokenizer, num_tokens: int, depth: float = 0.5, seed: i
         out = model.generate(ids.to(model.device), max_new_tokens=8, do_sample=False)
     answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return {"passkey": passkey, "answer": answer.strip(), "tokens": ids.shape[1], "found": str(passkey) in answer}
+
+
+def passkey_grid(model, tokenizer, lengths, depths, trials: int = 1, seed: int = 0, progress: bool = True) -> list:
+    """Accuracy for every (length, depth) cell over `trials` random keys (trial t uses seed + t in every cell, so
+    cells differ only by length and depth). Returns one dict per cell, answers included."""
+    from tqdm.auto import tqdm
+
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be an int >= 1, got {trials!r}")
+    cells = [(length, depth) for length in lengths for depth in depths]
+    bar = tqdm(total=len(cells) * trials, desc="passkey", disable=not progress)
+    results = []
+    for length, depth in cells:
+        outcomes = []
+        for trial in range(trials):
+            outcomes.append(passkey_trial(model, tokenizer, length, depth, seed=seed + trial))
+            bar.update()
+        correct = sum(outcome["found"] for outcome in outcomes)
+        results.append({"length": length, "depth": depth, "trials": trials, "correct": correct,
+                        "accuracy": correct / trials, "prompt_tokens": [o["tokens"] for o in outcomes],
+                        "answers": [{"passkey": o["passkey"], "answer": o["answer"]} for o in outcomes]})
+    bar.close()
+    return results
