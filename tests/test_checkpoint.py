@@ -475,3 +475,17 @@ def test_model_card_for_a_method_that_ships_code():
     card = ModelCard(model_card.render(config, remote_code=True, name="me/model"))
     assert 'from_pretrained("me/model", trust_remote_code=True)' in card.text
     assert '"auto_map"' in card.text and card.data.library_name == "transformers"
+
+
+def test_offline_dynamic_yarn_writes_the_in_memory_files(tmp_path):
+    """Methods that ship modeling code: the offline output has the in-memory path's config, auto_map and code file
+    (their reload through trust_remote_code is tested on the in-memory save in test_dynamic_cache.py)."""
+    source = make_source(tmp_path / "src")
+    extend_checkpoint(source, tmp_path / "offline", "dynamic_yarn", 4, beta_fast=64)
+    model = extend_context(AutoModelForCausalLM.from_pretrained(source), "dynamic_yarn", 4, beta_fast=64)
+    model.save_pretrained(tmp_path / "memory")
+    for name in ("config.json", "longctx_dynamic_rope.py"):
+        assert (tmp_path / "offline" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes(), name
+    config = json.loads((tmp_path / "offline" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"].startswith("longctx_dynamic_rope.")
+    assert "trust_remote_code=True" in (tmp_path / "offline" / "README.md").read_text()
