@@ -65,12 +65,19 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
         return dst_dir
     with _staging(dst_dir) as staging:
         # Files written here are never linked first: writing into a hard link would write into the source.
-        _link_tree(src_dir, staging, skip=set(files) | set(plots), link=link)
+        _link_tree(src_dir, staging, skip=set(files) | set(plots) | _our_remote_code_files(), link=link)
         for name, text in files.items():
             (staging / name).write_text(text)
         for name, path in plots.items():
             shutil.copy2(path, staging / name)
     return dst_dir
+
+
+def _our_remote_code_files() -> set:
+    """Modeling files a previous extension of ours may have shipped: not carried over unless the new method writes
+    them again (an orphan file without its auto_map entry would only confuse)."""
+    return {module.REMOTE_CLASS.split(".")[0] + ".py" for module in methods.METHODS.values()
+            if hasattr(module, "REMOTE_CLASS")}
 
 
 def _locate(src, *, allow_hub: bool) -> tuple[Path | None, str | None]:

@@ -143,7 +143,7 @@ def _finetune(args) -> int:
 def _add_finetune_parser(sub):
     ft = sub.add_parser("finetune", help="extend a model's context, then fine-tune it (accelerate; LoRA optional)")
     ft.add_argument("model", help="checkpoint folder, Hub id, or 'smollm2'")
-    ft.add_argument("--method", required=True, help="pi, ntk, dynamic_ntk or yarn")
+    ft.add_argument("--method", required=True, help="pi, ntk, dynamic_ntk, yarn or dynamic_yarn")
     size = ft.add_mutually_exclusive_group(required=True)
     size.add_argument("--factor", type=float, help="extension factor relative to the pretrained context")
     size.add_argument("--target-length", type=int, help="extended context in tokens")
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     extend = sub.add_parser("extend", help="extend a checkpoint on disk without loading it (config + links)")
     extend.add_argument("src", help="checkpoint folder or Hub repo id")
     extend.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)} (see `longctx-hf methods`)")
-    size = extend.add_mutually_exclusive_group(required=True)
+    size = extend.add_mutually_exclusive_group()  # alibi takes neither (--max-length); the method decides
     size.add_argument("--factor", type=float, help="extension factor relative to the pretrained length")
     size.add_argument("--target-length", type=int, help="target context length in tokens")
     extend.add_argument("--revision", help="branch, tag or commit of a Hub SRC (default: its main branch)")

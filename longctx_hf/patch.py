@@ -121,7 +121,7 @@ def _extend_with_attention_bias(model, module, rotaries, config, factor, target_
                                              original_max_position_embeddings=original_max_position_embeddings,
                                              options=options)
     attention.check_supported(model, config)
-    attn_name = attention.alibi_attention_name(config._attn_implementation)
+    attn_name = attention.alibi_attention_name(dynamic_runtime.base_attention_name(config._attn_implementation))
 
     new_config = copy.deepcopy(config)
     try:
@@ -136,6 +136,7 @@ def _extend_with_attention_bias(model, module, rotaries, config, factor, target_
     hf_config.apply_to_config(config, changes)
     for rotary in rotaries:
         _install(rotary, fresh, rotary.inv_freq.device)
+    dynamic_runtime.deactivate(model)  # replacing a dynamic_ntk / dynamic_yarn extension
     attention.install(model, attn_name, module.remote_code_files(spec))
     return model
 

@@ -182,6 +182,13 @@ def finetune(model, **options) -> FinetuneResult:
 
 def check_options(model, **options) -> FinetuneOptions:
     """Validated options: types and ranges, data and output folders, and the extension itself on a meta copy."""
+    from .methods import METHODS, ALIASES
+
+    method = METHODS.get(ALIASES.get(options.get("method"), options.get("method"))) \
+        if isinstance(options.get("method"), str) else None
+    if method is not None and getattr(method, "KIND", "rope") != "rope":
+        raise ValueError(f"method {method.NAME!r} is not supported by finetune yet (it takes no factor); build the "
+                         "model with longctx_hf.alibi_model_from_config or extend_context and train it directly")
     try:
         opts = FinetuneOptions(model=model, **options)
     except TypeError as err:

@@ -294,3 +294,23 @@ def test_offline_extend_writes_the_same_alibi_checkpoint(tmp_path):
     out = run_child(CHILD_WITHOUT_LONGCTX, str(tmp_path / "offline"), tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-2] == "True"
+
+
+def test_registration_survives_a_find_spec_probe():
+    """Libraries probe `find_spec("transformers")` before importing it; that must not use up the registration."""
+    code = ("import importlib.util, longctx_hf, sys; assert 'torch' not in sys.modules; "
+            "importlib.util.find_spec('transformers'); import transformers; "
+            "from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS; print('alibi' in ROPE_INIT_FUNCTIONS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "True"
+
+
+def test_alibi_replaces_a_dynamic_yarn_extension(gqa_alibi):
+    """Re-extending replaces: a dynamic_yarn model (cache-exact runtime installed) turned into ALiBi equals the
+    same weights made ALiBi directly."""
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(6))
+    model = extend_context(tiny_model("mistral", **GQA), "dynamic_yarn", 2)
+    extend_context(model, "alibi")
+    assert model.config._attn_implementation == "alibi_sdpa"
+    assert torch.equal(logits(model, ids), logits(gqa_alibi, ids))

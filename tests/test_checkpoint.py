@@ -489,3 +489,21 @@ def test_offline_dynamic_yarn_writes_the_in_memory_files(tmp_path):
     config = json.loads((tmp_path / "offline" / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"].startswith("longctx_dynamic_rope.")
     assert "trust_remote_code=True" in (tmp_path / "offline" / "README.md").read_text()
+
+
+def test_cli_alibi_then_yarn_leaves_no_orphan_modeling_file(tmp_path):
+    """`extend --method alibi` needs neither --factor nor --target-length; re-extending that output with a RoPE
+    method is refused (ALiBi has no rotary), and a dynamic_yarn output re-extended with yarn drops its code file."""
+    source = make_source(tmp_path / "src")
+    out = run("extend", str(source), "--method", "alibi", "--max-length", "1024", "--output", str(tmp_path / "alibi"))
+    assert out.returncode == 0, out.stderr
+    config = json.loads((tmp_path / "alibi" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 1024 and (tmp_path / "alibi" / "alibi_modeling.py").is_file()
+    out = run("extend", str(tmp_path / "alibi"), "--method", "yarn", "--factor", "2", "--output", str(tmp_path / "x"))
+    assert out.returncode == 2 and "ALiBi" in out.stderr and not (tmp_path / "x").exists()
+
+    extend_checkpoint(source, tmp_path / "dyn", "dynamic_yarn", 4)
+    extend_checkpoint(tmp_path / "dyn", tmp_path / "yarn", "yarn", 2)
+    assert (tmp_path / "dyn" / "longctx_dynamic_rope.py").is_file()
+    assert not (tmp_path / "yarn" / "longctx_dynamic_rope.py").exists()
+    assert "auto_map" not in json.loads((tmp_path / "yarn" / "config.json").read_text())

@@ -183,6 +183,7 @@ def test_cli_eval_writes_everything(tiny_folder, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--lengths", "2k,abc"], "--lengths"),
     (["--method", "yarn,bogus"], "bogus"),
+    (["--method", "none,alibi"], "not a RoPE rescaling"),
     (["--tasks", "ppl,mmlu"], "--tasks"),
     (["--depths", "0.5,1.5"], "--depths"),
     (["--depths", "half"], "--depths"),

@@ -104,6 +104,7 @@ def test_packed_documents_do_not_see_each_other(attn):
     ({"max_length": 0}, "max_length must be >= 2"),
     ({"steps": 2.5}, "steps must be an int"),
     ({"factor": None}, "exactly one of factor"),
+    ({"method": "alibi", "factor": None}, "'alibi' is not supported by finetune"),
     ({"target_length": 1024}, "exactly one of factor"),
     ({"learning_rate": 0}, "learning_rate must be a finite number > 0"),
     ({"warmup_steps": 7}, "warmup_steps must be <= steps"),
@@ -264,3 +265,22 @@ def test_resume_into_the_checkpoints_own_folder(tiny_checkpoint, tmp_path):
         check_options(**options(tiny_checkpoint, tmp_path / "out", steps=6, resume_from=str(tmp_path / "out" / "checkpoint-6")))
     shutil.rmtree(tmp_path / "out" / "checkpoint-6")
     assert check_options(**options(tiny_checkpoint, tmp_path / "out", steps=8, resume_from=resume)).steps == 8
+
+
+def test_dynamic_yarn_trains_past_the_pretrained_length_and_ships_its_code(tiny_checkpoint, tmp_path):
+    """The cache-exact runtime trains (blocks longer than the tiny model's 256 pretrained tokens) and the saved
+    checkpoint carries its modeling code, reloading to the trained model's logits."""
+    from longctx_hf import from_pretrained
+
+    result = finetune(**options(tiny_checkpoint, tmp_path / "out", method="dynamic_yarn", max_length=320, steps=2))
+    losses = [e["loss"] for e in result.log_history if "loss" in e]
+    assert len(losses) == 2 and all(loss == loss for loss in losses)  # ran, no NaN
+    out = tmp_path / "out"
+    assert (out / "longctx_dynamic_rope.py").is_file()
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].startswith(
+        "longctx_dynamic_rope.")
+    ids = torch.randint(0, 300, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = result.model.eval()(ids).logits
+        reloaded = from_pretrained(str(out)).eval()(ids).logits
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)

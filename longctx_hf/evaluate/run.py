@@ -51,9 +51,12 @@ def check_options(*, methods, lengths, tasks, depths, trials, factor, dtype, dev
     for name in methods:
         if name != "none":
             try:
-                get_method(name)
+                module = get_method(name)
             except ValueError as err:  # it lists the known methods
                 raise ValueError(f"methods (--method): {err}; or 'none' for the model as loaded") from None
+            if getattr(module, "KIND", "rope") != "rope":
+                raise ValueError(f"methods (--method): {name!r} is not a RoPE rescaling with a factor; to evaluate an "
+                                 f"{name} model, extend and save it first, then evaluate that folder with 'none'")
     if len(set(methods)) != len(methods):
         raise ValueError(f"methods (--method) lists a method twice: {list(methods)}")
     if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in lengths):

@@ -230,6 +230,10 @@ def _rotary_modules(model):
 
 def _layout_is_interleaved(rotary, inv_freq) -> bool:
     """Read the family's cos layout from its own rotary module: halves (cat(f, f)) or interleaved (f0 f0 f1 f1)."""
+    if inv_freq.is_meta:  # a model built on the meta device: the layout is the class's, so probe a CPU twin
+        with torch.device("cpu"):
+            rotary = type(rotary)(rotary.config)
+        inv_freq = rotary.inv_freq
     probe = torch.zeros(1, 1, 1, dtype=torch.float32, device=inv_freq.device)
     cos, _ = rotary(probe, torch.ones(1, 1, dtype=torch.long, device=inv_freq.device))
     cos = cos.reshape(-1).double().cpu()
@@ -252,10 +256,13 @@ def check_supported(model, rotary):
                          "does not support this architecture")
 
 
+def base_attention_name(name):
+    """The attention implementation this runtime wraps (`name` itself when it is not one of ours)."""
+    return name[len(ATTENTION_PREFIX):] if name and name.startswith(ATTENTION_PREFIX) else name
+
+
 def _base_implementation(config) -> str:
-    base = config._attn_implementation or "eager"
-    if base.startswith(ATTENTION_PREFIX):
-        base = base[len(ATTENTION_PREFIX):]
+    base = base_attention_name(config._attn_implementation or "eager")
     if base not in WRAPPABLE_ATTENTION:
         raise ValueError(f"cache-exact dynamic RoPE wraps attention implementations {WRAPPABLE_ATTENTION}, not "
                          f"{base!r}; load the model with attn_implementation='sdpa' or 'eager'")
