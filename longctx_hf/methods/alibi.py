@@ -7,7 +7,8 @@ only sets the advertised context (`max_position_embeddings`). The implementation
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+
+from .base import remote_source
 
 NAME = "alibi"
 ALIASES = ()
@@ -68,8 +69,7 @@ def max_position_embeddings(spec: Spec) -> int:
 
 def remote_code_files(spec: Spec) -> dict[str, str]:
     """Files written beside config.json so trust_remote_code loads the model without longctx_hf."""
-    source = Path(__file__).resolve().parent.parent / "remote" / f"{REMOTE_MODULE}.py"
-    return {f"{REMOTE_MODULE}.py": source.read_text()}
+    return {f"{REMOTE_MODULE}.py": remote_source(f"{REMOTE_MODULE}.py")}
 
 
 def auto_map(spec: Spec) -> dict:

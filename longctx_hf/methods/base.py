@@ -69,3 +69,10 @@ def rope_inv_freq(theta: float, rotary_dim: int, device=None):
 
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim
     return (1.0 / (float(theta) ** exponents)).to(torch.float32)
+
+
+def remote_source(file_name: str) -> str:
+    """The text of a self-contained modeling file in longctx_hf/remote/, as it is shipped beside config.json."""
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parent.parent / "remote" / file_name).read_text(encoding="utf-8")

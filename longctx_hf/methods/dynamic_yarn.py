@@ -6,10 +6,9 @@ No transformers rope type computes it, so checkpoints carry self-contained remot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import yarn
-from .base import RopeSpec, check_number, rope_inv_freq
+from .base import RopeSpec, remote_source, rope_inv_freq
 
 NAME = "dynamic_yarn"
 ALIASES = ()
@@ -25,10 +24,7 @@ class Spec(RopeSpec):
 
     def __post_init__(self):
         super().__post_init__()
-        check_number("beta_fast", self.beta_fast, greater_than=0)
-        check_number("beta_slow", self.beta_slow, greater_than=0)
-        if not self.beta_fast > self.beta_slow:
-            raise ValueError(f"beta_fast must be > beta_slow, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}")
+        yarn.check_betas(self.beta_fast, self.beta_slow)
         object.__setattr__(self, "beta_fast", float(self.beta_fast))
         object.__setattr__(self, "beta_slow", float(self.beta_slow))
 
@@ -68,8 +64,7 @@ def max_position_embeddings(spec: Spec) -> int:
 
 def remote_code_files(spec: Spec) -> dict:
     """Self-contained modeling code written beside config.json (found by `auto_map`, trust_remote_code=True)."""
-    source = Path(__file__).resolve().parent.parent / "remote" / REMOTE_FILE
-    return {REMOTE_FILE: source.read_text(encoding="utf-8")}
+    return {REMOTE_FILE: remote_source(REMOTE_FILE)}
 
 
 def auto_map(spec: Spec) -> dict:

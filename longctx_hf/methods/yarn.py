@@ -22,10 +22,7 @@ class Spec(RopeSpec):
 
     def __post_init__(self):
         super().__post_init__()
-        check_number("beta_fast", self.beta_fast, greater_than=0)
-        check_number("beta_slow", self.beta_slow, greater_than=0)
-        if not self.beta_fast > self.beta_slow:
-            raise ValueError(f"beta_fast must be > beta_slow, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}")
+        check_betas(self.beta_fast, self.beta_slow)
         for name in ("attention_factor", "mscale", "mscale_all_dim"):
             check_number(name, getattr(self, name), greater_than=0, allow_none=True)
         if (self.mscale is None) != (self.mscale_all_dim is None):
@@ -34,6 +31,14 @@ class Spec(RopeSpec):
             raise ValueError("give either attention_factor or mscale/mscale_all_dim, not both")
         object.__setattr__(self, "beta_fast", float(self.beta_fast))
         object.__setattr__(self, "beta_slow", float(self.beta_slow))
+
+
+def check_betas(beta_fast, beta_slow) -> None:
+    """The ramp's wavelength bounds (rotations per context): positive, beta_fast above beta_slow."""
+    check_number("beta_fast", beta_fast, greater_than=0)
+    check_number("beta_slow", beta_slow, greater_than=0)
+    if not beta_fast > beta_slow:
+        raise ValueError(f"beta_fast must be > beta_slow, got beta_fast={beta_fast}, beta_slow={beta_slow}")
 
 
 def _mscale(scale: float, mscale: float = 1.0) -> float:
