@@ -48,7 +48,7 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
                                              original_max_position_embeddings=original_max_position_embeddings,
                                              options=options)
     new_config = hf_config.apply_to_dict(config, changes)
-    remote_files = module.remote_code_files(spec) if hasattr(module, "remote_code_files") else {}
+    remote_files = methods.remote_code_files(module)
     results, plots = model_card.load_eval_results(eval_results) if eval_results is not None else (None, {})
 
     clashes = sorted(name for name in plots if local and not in_place and (local / name).exists())
@@ -76,8 +76,7 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
 def _our_remote_code_files() -> set:
     """Modeling files a previous extension of ours may have shipped: not carried over unless the new method writes
     them again (an orphan file without its auto_map entry would only confuse)."""
-    return {module.REMOTE_CLASS.split(".")[0] + ".py" for module in methods.METHODS.values()
-            if hasattr(module, "REMOTE_CLASS")}
+    return {name for module in methods.METHODS.values() for name in getattr(module, "REMOTE_FILES", ())}
 
 
 def _locate(src, *, allow_hub: bool) -> tuple[Path | None, str | None]:

@@ -201,6 +201,8 @@ def config_changes(config: dict, method, spec, pretrained: Pretrained) -> dict:
     changes.update(_auto_map_changes(config, method, spec))
     if hasattr(method, "SAVED_ATTENTION"):  # read back by from_pretrained as the attention implementation
         changes["attn_implementation"] = method.SAVED_ATTENTION
+    elif config.get("attn_implementation") in {getattr(m, "SAVED_ATTENTION", None) for m in methods.METHODS.values()}:
+        changes["attn_implementation"] = DELETE  # written by the extension this one replaces
     if "head_dim" in config and config["head_dim"] is None and config.get("num_attention_heads"):
         # transformers' yarn/dynamic read `getattr(config, "head_dim", default)`, which an explicit None defeats.
         changes["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
@@ -218,7 +220,7 @@ def _auto_map_changes(config: dict, method, spec) -> dict:
     ours = {module.REMOTE_CLASS for module in methods.METHODS.values() if hasattr(module, "REMOTE_CLASS")}
     current = dict(config.get("auto_map") or {})
     kept = {key: value for key, value in current.items() if value not in ours}
-    wanted = {**kept, **(method.auto_map(spec) if hasattr(method, "auto_map") else {})}
+    wanted = {**kept, **methods.auto_map(method)}
     if wanted == current:
         return {}
     return {"auto_map": wanted or DELETE}

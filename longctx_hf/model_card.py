@@ -25,6 +25,8 @@ FINE_TUNING = {
     "dynamic_ntk": "Meant for zero-shot use: the base grows with the current length, so a fine-tune at one fixed "
                    "length does not match it. Cached decoding past the pretrained length is not equal to a "
                    "recompute in transformers (keys are cached after rotation, transformers #25104).",
+    "self_extend": "Training-free by design (Jin et al. 2024): no fine-tuning. Its attention runs in the shipped "
+                   "modeling code; inference engines that do not implement SelfExtend cannot serve this checkpoint.",
     "yarn": "Best zero-shot of the RoPE methods; about 400 fine-tuning steps at the target length reach it (Peng et "
             "al. 2023). Keep the same YaRN config while fine-tuning.",
 }

@@ -14,6 +14,7 @@ import torch
 from . import hf_config, methods
 from .hf_config import ContextInfo
 from .remote import longctx_dynamic_rope as dynamic_runtime  # registers rope_type 'dynamic_yarn' on import
+from .remote import longctx_self_extend as self_extend_runtime  # registers rope_type 'self_extend' on import
 
 FORMULA_RTOL = 2e-6  # transformers computes in float32; the paper formula here in float64
 
@@ -80,31 +81,56 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
         raise ValueError(f"cannot rebuild {type(rotaries[0]).__name__} from its config ({err}); "
                          "this model does not follow the standard transformers RoPE layout") from err
     _check_against_formula(module, spec, fresh)
-    cache_exact = module.HF_ROPE_TYPE in dynamic_runtime.DYNAMIC_ROPE_TYPES
-    if cache_exact:
+    base_attention = self_extend_runtime.base_attention_name(config._attn_implementation)  # before any change
+    runtime = _runtime_for(module.HF_ROPE_TYPE)
+    if runtime is dynamic_runtime:
         dynamic_runtime.check_supported(model, fresh)
+    elif runtime is self_extend_runtime:
+        self_extend_runtime.check_supported(model, fresh, base_attention)
 
-    dynamic_runtime.deactivate(model)
+    _deactivate_runtimes(model)
     hf_config.apply_to_config(config, changes)
     for rotary in rotaries:
         _install(rotary, fresh, device)
-    if cache_exact:
+    if runtime is dynamic_runtime:
         dynamic_runtime.activate(model)
+    elif runtime is self_extend_runtime:
+        self_extend_runtime.activate(model, base_attention)
     return model
+
+
+def _runtime_for(rope_type):
+    """The longctx_hf runtime a rope type needs (keys cached before rotation), or None for transformers' own."""
+    if rope_type in dynamic_runtime.DYNAMIC_ROPE_TYPES:
+        return dynamic_runtime
+    if rope_type == self_extend_runtime.ROPE_TYPE:
+        return self_extend_runtime
+    return None
+
+
+def _deactivate_runtimes(model):
+    dynamic_runtime.deactivate(model)
+    self_extend_runtime.deactivate(model)
 
 
 def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
     """`AutoModelForCausalLM.from_pretrained`, plus longctx_hf's runtime for what the config records.
 
-    Plain transformers reloads every checkpoint except dynamic_yarn (which needs trust_remote_code=True there);
-    this also makes dynamic_ntk / dynamic_yarn decode exactly with a KV cache, as the saved model did.
+    Plain transformers reloads every checkpoint except dynamic_yarn and self_extend (which need
+    trust_remote_code=True there); this also makes dynamic_ntk / dynamic_yarn decode exactly with a KV cache, as
+    the saved model did.
     """
     from transformers import AutoModelForCausalLM
 
+    kwargs.pop("trust_remote_code", None)  # the runtime is here: never run code from the checkpoint
+    base = self_extend_runtime.base_attention_name(kwargs.get("attn_implementation"))
     model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
     rotaries, config = _rotary_modules(model)
-    if config.rope_parameters.get("rope_type") in dynamic_runtime.DYNAMIC_ROPE_TYPES:
+    runtime = _runtime_for(config.rope_parameters.get("rope_type"))
+    if runtime is dynamic_runtime:
         dynamic_runtime.activate(model)
+    elif runtime is self_extend_runtime:
+        self_extend_runtime.activate(model, base)
     return model
 
 
@@ -121,7 +147,7 @@ def _extend_with_attention_bias(model, module, rotaries, config, factor, target_
                                              original_max_position_embeddings=original_max_position_embeddings,
                                              options=options)
     attention.check_supported(model, config)
-    attn_name = attention.alibi_attention_name(dynamic_runtime.base_attention_name(config._attn_implementation))
+    attn_name = attention.alibi_attention_name(self_extend_runtime.base_attention_name(config._attn_implementation))
 
     new_config = copy.deepcopy(config)
     try:
@@ -136,8 +162,8 @@ def _extend_with_attention_bias(model, module, rotaries, config, factor, target_
     hf_config.apply_to_config(config, changes)
     for rotary in rotaries:
         _install(rotary, fresh, rotary.inv_freq.device)
-    dynamic_runtime.deactivate(model)  # replacing a dynamic_ntk / dynamic_yarn extension
-    attention.install(model, attn_name, module.remote_code_files(spec))
+    _deactivate_runtimes(model)  # replacing a dynamic_ntk / dynamic_yarn / self_extend extension
+    attention.install(model, attn_name, methods.remote_code_files(module))
     return model
 
 
@@ -176,7 +202,7 @@ def context_info(model_or_config) -> ContextInfo:
     rotaries, config = _rotary_modules(model_or_config)
     info = hf_config.describe(config.to_dict())
     scaling = float(getattr(rotaries[0], "attention_scaling", 1.0))
-    if config.rope_parameters.get("rope_type") in dynamic_runtime.DYNAMIC_ROPE_TYPES:
+    if _runtime_for(config.rope_parameters.get("rope_type")) is not None:
         scaling = info.attention_scaling  # the rotary module is the identity; the value at the extended length
     return ContextInfo(info.method, info.factor, info.pretrained_length, info.extended_length, scaling,
                        info.rope_theta, info.options, info.loads_with_plain_transformers, info.warnings)

@@ -189,6 +189,9 @@ def check_options(model, **options) -> FinetuneOptions:
     if method is not None and getattr(method, "KIND", "rope") != "rope":
         raise ValueError(f"method {method.NAME!r} is not supported by finetune yet (it takes no factor); build the "
                          "model with longctx_hf.alibi_model_from_config or extend_context and train it directly")
+    if method is not None and getattr(method, "TRAINING_FREE", False):
+        raise ValueError(f"method {method.NAME!r} is training-free (its attention is not built for backward passes "
+                         "at long lengths); fine-tune with yarn, pi or ntk instead")
     try:
         opts = FinetuneOptions(model=model, **options)
     except TypeError as err:

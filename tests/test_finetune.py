@@ -105,6 +105,7 @@ def test_packed_documents_do_not_see_each_other(attn):
     ({"steps": 2.5}, "steps must be an int"),
     ({"factor": None}, "exactly one of factor"),
     ({"method": "alibi", "factor": None}, "'alibi' is not supported by finetune"),
+    ({"method": "self_extend"}, "'self_extend' is training-free"),
     ({"target_length": 1024}, "exactly one of factor"),
     ({"learning_rate": 0}, "learning_rate must be a finite number > 0"),
     ({"warmup_steps": 7}, "warmup_steps must be <= steps"),

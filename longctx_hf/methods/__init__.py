@@ -4,18 +4,28 @@ A method module provides NAME, ALIASES, HF_ROPE_TYPE, a frozen `Spec` dataclass 
 `frequencies(spec, seq_len) -> (inv_freq float32, attention_scaling)`, `rope_parameters(spec)` (the
 transformers-5 config dict) and `max_position_embeddings(spec)`. Adding a method = adding a module here.
 Attention-bias methods (KIND = "attention_bias", e.g. alibi) have no frequencies: they disable the rotary and
-provide attention functions. A method without a native transformers form MAY define
-`remote_code_files(spec) -> {file name: source}` (written beside config.json) and `auto_map(spec)` (the config's
-`auto_map` entries pointing at those files, named by its REMOTE_CLASS).
+provide attention functions. A method without a native transformers form MAY define REMOTE_FILES (files of
+longctx_hf/remote/ written beside config.json) and REMOTE_CLASS (the `auto_map` target in them, "module.Class").
 """
 from __future__ import annotations
 
 import difflib
 
-from . import alibi, dynamic_ntk, dynamic_yarn, ntk, pi, yarn
+from . import alibi, dynamic_ntk, dynamic_yarn, ntk, pi, self_extend, yarn
+from .base import remote_source
 
-METHODS = {module.NAME: module for module in (pi, ntk, dynamic_ntk, yarn, dynamic_yarn, alibi)}
+METHODS = {module.NAME: module for module in (pi, ntk, dynamic_ntk, yarn, dynamic_yarn, self_extend, alibi)}
 ALIASES = {alias: module.NAME for module in METHODS.values() for alias in module.ALIASES}
+
+
+def remote_code_files(method) -> dict:
+    """{file name: source} a method's checkpoints carry so trust_remote_code loads them without longctx_hf."""
+    return {name: remote_source(name) for name in getattr(method, "REMOTE_FILES", ())}
+
+
+def auto_map(method) -> dict:
+    """The config's `auto_map` entries pointing at the method's remote code (empty for native methods)."""
+    return {"AutoModelForCausalLM": method.REMOTE_CLASS} if hasattr(method, "REMOTE_CLASS") else {}
 
 
 def get_method(name):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import remote_source
 
 NAME = "alibi"
 ALIASES = ()
@@ -16,6 +15,7 @@ HF_ROPE_TYPE = "alibi"
 KIND = "attention_bias"  # patch.py: disable the rotary and switch attention, instead of rebuilding frequencies
 REMOTE_MODULE = "alibi_modeling"
 REMOTE_CLASS = f"{REMOTE_MODULE}.AlibiForCausalLM"
+REMOTE_FILES = (f"{REMOTE_MODULE}.py",)
 SAVED_ATTENTION = "alibi_sdpa"  # written as config.json "attn_implementation": works on every device
 
 
@@ -66,11 +66,3 @@ def rope_parameters(spec: Spec) -> dict:
 def max_position_embeddings(spec: Spec) -> int:
     return spec.extended_length
 
-
-def remote_code_files(spec: Spec) -> dict[str, str]:
-    """Files written beside config.json so trust_remote_code loads the model without longctx_hf."""
-    return {f"{REMOTE_MODULE}.py": remote_source(f"{REMOTE_MODULE}.py")}
-
-
-def auto_map(spec: Spec) -> dict:
-    return {"AutoModelForCausalLM": REMOTE_CLASS}

@@ -1,19 +1,19 @@
 """Dynamic YaRN (Peng et al. 2023, arXiv 2309.00071; jquesnelle/yarn `LlamaDynamicYaRNScaledRotaryEmbedding`):
 YaRN whose scale follows the current length, s = max(1, n / L); plain RoPE up to the pretrained length.
 
-No transformers rope type computes it, so checkpoints carry self-contained remote code (`remote_code_files`).
+No transformers rope type computes it, so checkpoints carry self-contained remote code (REMOTE_FILES).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from . import yarn
-from .base import RopeSpec, remote_source, rope_inv_freq
+from .base import RopeSpec, rope_inv_freq
 
 NAME = "dynamic_yarn"
 ALIASES = ()
 HF_ROPE_TYPE = "dynamic_yarn"
-REMOTE_FILE = "longctx_dynamic_rope.py"
+REMOTE_FILES = ("longctx_dynamic_rope.py",)
 REMOTE_CLASS = "longctx_dynamic_rope.DynamicRopeForCausalLM"
 
 
@@ -61,11 +61,3 @@ def max_position_embeddings(spec: Spec) -> int:
     # Like transformers' dynamic NTK: the length where scaling starts (its dynamic_rope_update threshold).
     return spec.original_max_position_embeddings
 
-
-def remote_code_files(spec: Spec) -> dict:
-    """Self-contained modeling code written beside config.json (found by `auto_map`, trust_remote_code=True)."""
-    return {REMOTE_FILE: remote_source(REMOTE_FILE)}
-
-
-def auto_map(spec: Spec) -> dict:
-    return {"AutoModelForCausalLM": REMOTE_CLASS}

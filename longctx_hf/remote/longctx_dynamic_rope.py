@@ -78,6 +78,32 @@ def compute_dynamic_yarn_parameters(config, device=None, seq_len=None, layer_typ
     return inv_freq.to(torch.float32), _yarn_mscale(scale)
 
 
+def rotate(states, cos, sin, interleaved, fused=False):
+    """Rotate the first rotary_dim channels of (batch, heads, length, head_dim) states, as transformers does.
+
+    `fused` (used where no transformers result has to be matched bit for bit) writes into one output with
+    multiply-add kernels: ~1.5x faster than transformers' formula, equal to it up to float rounding.
+    Out= kernels have no autograd, so training forwards take transformers' formula."""
+    half = cos.shape[-1]
+    if fused and not interleaved and not (torch.is_grad_enabled() and states.requires_grad):
+        out = torch.empty_like(states)
+        x1, x2, o1, o2 = states[..., :half], states[..., half : 2 * half], out[..., :half], out[..., half : 2 * half]
+        torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+        torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+        if 2 * half < states.shape[-1]:
+            out[..., 2 * half :] = states[..., 2 * half :]
+        return out
+    if interleaved:
+        x1, x2 = states[..., 0 : 2 * half : 2], states[..., 1 : 2 * half : 2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = states[..., :half], states[..., half : 2 * half]
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    if 2 * half == states.shape[-1]:
+        return rotated
+    return torch.cat((rotated, states[..., 2 * half :]), dim=-1)
+
+
 # ------------------------------------------------------------------------------------------- the runtime
 class DynamicRopeRuntime:
     """Rotates each query, and every key it attends to, with the frequencies of that query's own length."""
@@ -115,29 +141,7 @@ class DynamicRopeRuntime:
         return (freqs.cos() * scaling).to(dtype)[:, None], (freqs.sin() * scaling).to(dtype)[:, None]
 
     def rotate(self, states, cos, sin, fused=False):
-        """Rotate the first rotary_dim channels of (batch, heads, length, head_dim) states, as transformers does.
-
-        `fused` (used past L, where no transformers result has to be matched bit for bit) writes into one output
-        with multiply-add kernels: ~1.5x faster than transformers' formula, equal to it up to float rounding.
-        Out= kernels have no autograd, so training forwards take transformers' formula."""
-        half = cos.shape[-1]
-        if fused and not self.interleaved and not (torch.is_grad_enabled() and states.requires_grad):
-            out = torch.empty_like(states)
-            x1, x2, o1, o2 = states[..., :half], states[..., half : 2 * half], out[..., :half], out[..., half : 2 * half]
-            torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
-            torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
-            if 2 * half < states.shape[-1]:
-                out[..., 2 * half :] = states[..., 2 * half :]
-            return out
-        if self.interleaved:
-            x1, x2 = states[..., 0 : 2 * half : 2], states[..., 1 : 2 * half : 2]
-            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        else:
-            x1, x2 = states[..., :half], states[..., half : 2 * half]
-            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        if 2 * half == states.shape[-1]:
-            return rotated
-        return torch.cat((rotated, states[..., 2 * half :]), dim=-1)
+        return rotate(states, cos, sin, self.interleaved, fused)
 
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         position_ids = kwargs.get("position_ids")
@@ -280,15 +284,7 @@ def activate(model):
     if rope_type not in DYNAMIC_ROPE_TYPES:
         raise ValueError(f"cache-exact dynamic RoPE needs rope_type in {DYNAMIC_ROPE_TYPES}, got {rope_type!r}")
     base = _base_implementation(config)
-    original = rotaries[0].original_inv_freq.detach().clone()
-    for rotary in rotaries:
-        rotary.rope_type = "default"  # stops transformers' dynamic_rope_update on this instance
-        rotary.attention_scaling = 1.0
-        rotary.inv_freq = original.clone().to(rotary.original_inv_freq.device)
-    interleaved = _layout_is_interleaved(rotaries[0], original)
-    for rotary in rotaries:
-        # identity rotation: cos = cos(0) * 1 = 1, sin = 0, so the cache stores keys before rotation
-        rotary.inv_freq = torch.zeros_like(rotary.original_inv_freq)
+    original, interleaved = make_rotaries_identity(rotaries)
     runtime = None
     for module in model.modules():
         if getattr(module, "config", None) is config and hasattr(module, "layer_idx"):
@@ -304,20 +300,41 @@ def activate(model):
     return model
 
 
+def make_rotaries_identity(rotaries):
+    """Turn the model's rotary modules into the identity, so the KV cache stores keys before rotation.
+
+    Returns the pretrained inverse frequencies and whether the family's cos/sin layout is interleaved."""
+    original = rotaries[0].original_inv_freq.detach().clone()
+    for rotary in rotaries:
+        rotary.rope_type = "default"  # stops transformers' dynamic_rope_update on this instance
+        rotary.attention_scaling = 1.0
+        rotary.inv_freq = original.clone().to(rotary.original_inv_freq.device)
+    interleaved = _layout_is_interleaved(rotaries[0], original)
+    for rotary in rotaries:
+        # identity rotation: cos = cos(0) * 1 = 1, sin = 0
+        rotary.inv_freq = torch.zeros_like(rotary.original_inv_freq)
+    return original, interleaved
+
+
+def refuse_static_cache(kwargs):
+    """A static cache is a fixed-size key buffer whose last key is not the query: positions would be lost."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, Cache) and not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        raise ValueError(f"this runtime (keys cached before rotation) supports DynamicCache (the default) only, got "
+                         f"layers {kinds}; do not pass cache_implementation to generate")
+
+
 def _check_forward(model, args, kwargs):
     """Refuse what would silently lose positions: another attention implementation set after activation (the
     rotary module is the identity), or a static cache (a fixed-size key buffer whose last key is not the query)."""
-    from transformers.cache_utils import Cache, DynamicLayer
-
     implementation = _rotary_modules(model)[0].config._attn_implementation or ""
     if not implementation.startswith(ATTENTION_PREFIX):
         raise ValueError(f"attention implementation {implementation!r} was set after cache-exact dynamic RoPE was "
                          "installed; it would run without positions. Call extend_context (or activate) again")
-    cache = kwargs.get("past_key_values")
-    if isinstance(cache, Cache) and not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
-        kinds = sorted({type(layer).__name__ for layer in cache.layers})
-        raise ValueError(f"cache-exact dynamic RoPE supports DynamicCache (the default) only, got layers {kinds}; "
-                         "do not pass cache_implementation to generate")
+    refuse_static_cache(kwargs)
 
 
 def deactivate(model):
@@ -351,22 +368,22 @@ def source() -> str:
         return f.read()
 
 
-def write_remote_code(save_directory):
-    """Write this file beside config.json (atomically: a temporary file, then a rename)."""
-    target = os.path.join(save_directory, REMOTE_FILE)
-    handle, temporary = tempfile.mkstemp(dir=save_directory, prefix=".tmp-", suffix=".py")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(source())
-    os.replace(temporary, target)
+def write_remote_code(save_directory, files=None):
+    """Write `files` ({name: source}, default: this file) beside config.json, each atomically (temp + rename)."""
+    for name, text in (files or {REMOTE_FILE: source()}).items():
+        handle, temporary = tempfile.mkstemp(dir=save_directory, prefix=".tmp-", suffix=".py")
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, os.path.join(save_directory, name))
 
 
-def _save_remote_code_with(model):
+def _save_remote_code_with(model, files=None):
     """Make this model's save_pretrained also write the remote code its config's auto_map points to."""
     cls_save = type(model).save_pretrained
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         result = cls_save(self, save_directory, *args, **kwargs)
-        write_remote_code(save_directory)
+        write_remote_code(save_directory, files)
         return result
 
     model.save_pretrained = save_pretrained.__get__(model)
@@ -384,17 +401,20 @@ class DynamicRopeForCausalLM:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
         register()
-        kwargs.pop("trust_remote_code", None)
-        if config is None:
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-        model = model_class.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
-        del AutoModelForCausalLM
-        return activate(model)
+        return activate(load_native_causal_lm(pretrained_model_name_or_path, *args, config=config, **kwargs))
+
+
+def load_native_causal_lm(pretrained_model_name_or_path, *args, config=None, **kwargs):
+    """The transformers class the config's model_type names, loaded without remote code."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    kwargs.pop("trust_remote_code", None)
+    if config is None:
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return model_class.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 
 
 register()

@@ -1,0 +1,124 @@
+"""SelfExtend on SmolLM2-135M (pretrained to 8192 tokens), zero-shot, next to YaRN, in the evaluation format.
+
+Parts (each writes as it goes; run them one after another on a quiet machine):
+
+    python benchmarks/bench_self_extend_smollm2.py quality OUT --factor 2 --length 16384 [--methods ...] [--trials 1]
+        `longctx_hf.evaluate.evaluate_model`: perplexity of the last 4096 tokens of the default text with the full
+        context, next to the 8k-window baseline on the same tokens (stride 2048), and passkey at depths 0.1/0.5/0.9
+        -> OUT/results.json, results.md, ppl_vs_length.png, passkey_heatmap.png
+    python benchmarks/bench_self_extend_smollm2.py variant OUT --length 32768 --group-size 8 --window 2048
+        the same perplexity for SelfExtend with an explicit G and W -> OUT/variant-G8-W2048-32768.json
+    python benchmarks/bench_self_extend_smollm2.py speed OUT --lengths 16384,32768 [--methods none,self_extend]
+        one forward (hidden states, no cache) per method and length, each in its own process: seconds and peak
+        memory above the loaded model, and the ratio to the plain model at the same length -> OUT/speed.json
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCORED, STRIDE = 4096, 2048
+
+ONE_FORWARD = r"""
+import json, resource, sys, time
+import torch
+from transformers import AutoModelForCausalLM
+from longctx_hf import extend_context
+from longctx_hf.real_model import smollm2_path
+
+method, length, factor = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+model = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
+if method != "none":
+    extend_context(model, method, factor=factor)
+ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+
+def rss_mb(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
+
+with torch.no_grad():
+    model.base_model(ids[:, :64], use_cache=False)  # warm-up
+    loaded = rss_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:  # reset the peak (VmHWM) to the current RSS
+        refs.write("5")
+    start = time.perf_counter()
+    model.base_model(ids, use_cache=False)
+    seconds = time.perf_counter() - start
+print(json.dumps({"method": method, "length": length, "factor": factor, "seconds": seconds,
+                  "rss_loaded_mb": loaded, "peak_above_loaded_mb": rss_mb("VmHWM") - loaded}))
+"""
+
+
+def quality(args):
+    from longctx_hf.evaluate import evaluate_model
+
+    evaluate_model("smollm2", methods=args.methods.split(","), factor=args.factor, lengths=[args.length],
+                   tasks=["ppl", "passkey"], depths=[0.1, 0.5, 0.9], trials=args.trials, num_scored=SCORED,
+                   stride=STRIDE, output=args.output)
+
+
+def variant(args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longctx_hf import extend_context
+    from longctx_hf.evaluate import nll_of_last
+    from longctx_hf.evaluate.perplexity import default_text, perplexity
+    from longctx_hf.real_model import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    ids = tokenizer(default_text(min_chars=8 * args.length), return_tensors="pt").input_ids[0][-args.length:]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
+    extend_context(model, "self_extend", target_length=args.length, group_size=args.group_size, window=args.window)
+    start = time.perf_counter()
+    with torch.no_grad():
+        ppl = perplexity(nll_of_last(model, ids, SCORED), SCORED)
+    row = {"method": "self_extend", "group_size": args.group_size, "window": args.window, "length": args.length,
+           "ppl": ppl, "tokens_scored": SCORED, "seconds": time.perf_counter() - start}
+    print(row)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"variant-G{args.group_size}-W{args.window}-{args.length}.json").write_text(json.dumps(row, indent=2))
+
+
+def speed(args):
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for length in [int(n) for n in args.lengths.split(",")]:
+        for method in args.methods.split(","):
+            factor = max(2.0, length / 8192)
+            done = subprocess.run([sys.executable, "-c", ONE_FORWARD, method, str(length), str(factor)],
+                                  capture_output=True, text=True, env=env)
+            if done.returncode:
+                raise RuntimeError(done.stderr[-3000:])
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            plain = next((r for r in rows if r["method"] == "none" and r["length"] == length), None)
+            if plain:
+                rows[-1]["time_ratio_to_plain"] = rows[-1]["seconds"] / plain["seconds"]
+                rows[-1]["memory_ratio_to_plain"] = rows[-1]["peak_above_loaded_mb"] / plain["peak_above_loaded_mb"]
+            print(rows[-1], flush=True)
+            (out / "speed.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["quality", "variant", "speed"])
+    parser.add_argument("output")
+    parser.add_argument("--factor", type=float, default=2.0)
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--lengths", default="16384,32768")
+    parser.add_argument("--methods", default=None)
+    parser.add_argument("--trials", type=int, default=1)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--window", type=int, default=2048)
+    arguments = parser.parse_args()
+    if arguments.methods is None:
+        arguments.methods = "none,self_extend" if arguments.part == "speed" else "self_extend,yarn"
+    started = time.perf_counter()
+    {"quality": quality, "variant": variant, "speed": speed}[arguments.part](arguments)
+    print(f"total {time.perf_counter() - started:.0f} s")

@@ -1,0 +1,334 @@
+"""SelfExtend (Jin et al. 2024, arXiv 2401.01325) for any transformers RoPE decoder: grouped attention, no training.
+
+Self-contained (torch + transformers, plus its sibling longctx_dynamic_rope.py): longctx_hf uses this file as its
+runtime and copies both files into checkpoints, where `from_pretrained(..., trust_remote_code=True)` loads them
+without longctx_hf.
+
+Definition: for query i and key j <= i the logit uses RoPE at distance i - j when i - j < W (neighbour window),
+else at the grouped distance floor(i/G) - floor(j/G) + (W - floor(W/G)).
+
+How:
+- the model's rotary module is the identity, so the KV cache stores keys *before* rotation; every forward rotates
+  queries and keys twice: at their own positions (neighbour part) and at grouped positions (query:
+  floor(i/G) + W - floor(W/G), key: floor(j/G)), whose differences are exactly the two distances above;
+- the attention is computed in query blocks (at most W queries) as parts that split each query's causal keys
+  exactly: grouped keys the whole block sees (j <= start - W), a block-wide strip where the split depends on the
+  query (grouped if j <= i - W, else neighbour: two complementary block x block masks), neighbour keys the whole
+  block sees, and the block's own keys (the kernel's causal mode). Each part returns its log-sum-exp and the parts
+  are merged by it; only the strip needs masks, so the work is that of causal attention plus two thin strips.
+  No n x n score matrix exists at any point: memory is O(n) (block x block masks, rotated copies of the keys).
+- while every distance is below W (short inputs, the first W tokens) it is the wrapped sdpa/eager attention on
+  plainly rotated states: bit-identical to the unextended model.
+Keys are assumed to hold consecutive positions ending at the last query's position (true for DynamicCache, left
+padding and generate); pad keys get meaningless positions but are masked.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from . import longctx_dynamic_rope as shared
+from .longctx_dynamic_rope import REMOTE_FILE as SHARED_FILE  # this form makes transformers ship the sibling file
+
+ROPE_TYPE = "self_extend"
+ATTENTION_NAME = "longctx_self_extend"
+RUNTIME_ATTRIBUTE = "_longctx_self_extend"
+REMOTE_FILE = "longctx_self_extend.py"
+QUERY_BLOCK = 1024  # queries per attention block (at most W): masks are at most block x block
+MATH_BLOCK_ELEMENTS = 1 << 26  # the explicit (math) path keeps batch x heads x block x keys under this
+
+
+def compute_self_extend_parameters(config, device=None, seq_len=None, layer_type=None):
+    """Plain RoPE frequencies, computed exactly as transformers' default rope does (same float32 bits):
+    SelfExtend changes which positions meet, not the frequencies."""
+    config.standardize_rope_params()
+    rope = config.rope_parameters
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+    return 1.0 / (float(rope["rope_theta"]) ** exponents), 1.0
+
+
+# --------------------------------------------------------------------------- attention with its log-sum-exp
+def _attend_flash_cpu(query, key, value, mask, scale, dropout, causal):
+    """PyTorch's CPU flash kernel (tiles internally, O(n) memory; GQA and broadcast masks supported).
+    Its log-sum-exp carries no gradient, so it serves forwards without autograd only."""
+    additive = None
+    if mask is not None:
+        additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, -math.inf)
+    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout, causal, attn_mask=additive, scale=scale)
+    return output, lse
+
+
+def _attend_math(query, key, value, mask, scale, dropout):
+    """Explicit scores in float32, by query block so that no more than MATH_BLOCK_ELEMENTS scores exist at once."""
+    batch, heads, queries, dim = query.shape
+    groups = heads // key.shape[1]
+    keys = key.shape[-2]
+    step = max(1, MATH_BLOCK_ELEMENTS // max(1, batch * heads * keys))
+    outputs, lses = [], []
+    k = key.float()[:, :, None]
+    v = value.float()[:, :, None]
+    for start in range(0, queries, step):
+        q = query[:, :, start : start + step].float()
+        q = q.reshape(batch, key.shape[1], groups, q.shape[-2], dim)
+        scores = (q @ k.transpose(-1, -2)) * scale  # (batch, kv heads, groups, block, keys)
+        if mask is not None:  # (batch|1, 1, block, keys) -> broadcast over kv heads and groups
+            block_mask = mask[..., start : start + step, :]
+            scores = scores.masked_fill(~block_mask[:, :, None], -math.inf)
+        lse = torch.logsumexp(scores, dim=-1)
+        weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+        if dropout:
+            weights = torch.nn.functional.dropout(weights, p=dropout)
+        outputs.append((weights @ v).reshape(batch, heads, -1, dim))
+        lses.append(lse.reshape(batch, heads, -1))
+    return torch.cat(outputs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
+
+
+def attend_with_lse(query, key, value, mask, scale, dropout=0.0, force_math=False, causal=False):
+    """(output, log-sum-exp per query) of softmax attention; `mask` is a bool (batch|1, 1, queries, keys) tensor
+    or None; `causal` (square inputs, no mask): query t sees keys <= t. Rows with no allowed key get output 0 and
+    log-sum-exp -inf (so they weigh nothing in a merge)."""
+    if causal:
+        assert mask is None and query.shape[-2] == key.shape[-2]
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if query.device.type == "cpu" and not training and not force_math and key.shape[-2] > 0:
+        output, lse = _attend_flash_cpu(query, key, value, mask, scale, dropout, causal)
+        if mask is not None:  # the kernel reports log-sum-exp 0 for a fully masked row
+            lse = lse.masked_fill(~mask.any(dim=-1), -math.inf)
+        return output, lse.float()
+    if causal:
+        mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()[None, None]
+    return _attend_math(query, key, value, mask, scale, dropout)
+
+
+def merge_by_lse(parts):
+    """Softmax attention over the union of disjoint key sets, from each set's (output, log-sum-exp)."""
+    lses = torch.stack([lse for _, lse in parts])
+    top = lses.max(dim=0).values
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    weights = torch.exp(lses - top)  # (parts, batch, heads, queries)
+    total = sum(w[..., None] * out.float() for w, (out, _) in zip(weights, parts))
+    return total / weights.sum(dim=0).clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+
+
+# ------------------------------------------------------------------------------------------------ the runtime
+class SelfExtendRuntime:
+    """Neighbour window + grouped attention on keys cached before rotation."""
+
+    def __init__(self, config, original_inv_freq, interleaved, base_attention):
+        rope = config.rope_parameters
+        self.group_size, self.window = int(rope["group_size"]), int(rope["window"])
+        self.inv_freq = original_inv_freq.detach().float().clone()
+        self.interleaved = interleaved
+        self.base_attention = base_attention
+        self.force_math = False  # tests: the explicit path that serves GPUs and training, checked on CPU
+        self._memo_key, self._memo = None, {}
+
+    def _cos_sin(self, positions, dtype):
+        """cos, sin (batch, 1, length, rotary_dim / 2) for integer positions (batch, length), as transformers."""
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
+        return freqs.cos().to(dtype)[:, None], freqs.sin().to(dtype)[:, None]
+
+    def _tables(self, position_ids, length, queries, batch, dtype):
+        """Neighbour and grouped cos/sin for the keys and queries; computed once per forward, shared by layers."""
+        if self._memo_key is not position_ids:
+            self._memo_key, self._memo = position_ids, {}
+        memo_key = (batch, length, queries, dtype)
+        if memo_key not in self._memo:
+            positions = position_ids.expand(batch, -1)
+            key_positions = positions[:, -1:] - (length - 1) + torch.arange(length, device=positions.device)
+            query_positions = key_positions[:, length - queries :]
+            shift = self.window - self.window // self.group_size
+            self._memo[memo_key] = (
+                self._cos_sin(key_positions, dtype),
+                self._cos_sin(torch.div(key_positions, self.group_size, rounding_mode="floor"), dtype),
+                self._cos_sin(torch.div(query_positions, self.group_size, rounding_mode="floor") + shift, dtype),
+            )
+        return self._memo[memo_key]
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            raise RuntimeError(f"{type(module).__name__} does not pass position_ids to its attention function, which "
+                               "SelfExtend needs; this architecture is not supported")
+        batch, queries, length = query.shape[0], query.shape[-2], key.shape[-2]
+        (cos, sin), grouped_keys, grouped_queries = self._tables(position_ids.to(key.device), length, queries,
+                                                                 batch, key.dtype)
+        plain_query = shared.rotate(query, cos[..., length - queries :, :], sin[..., length - queries :, :],
+                                    self.interleaved)
+        plain_key = shared.rotate(key, cos, sin, self.interleaved)
+        if length <= self.window:  # every distance < W: the unextended model, through its own attention function
+            return self.base_attention(module, plain_query, plain_key, value, attention_mask, scaling=scaling,
+                                       dropout=dropout, **kwargs)
+        if attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.ndim != 4
+                                           or attention_mask.shape[-1] != length):
+            raise RuntimeError(f"SelfExtend expects a boolean (batch, 1, queries, {length}) attention mask, got "
+                               f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
+        group_query = shared.rotate(query, *grouped_queries, self.interleaved)
+        group_key = shared.rotate(key, *grouped_keys, self.interleaved)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        dropout = dropout if module.training else 0.0
+        offset = length - queries  # key index of query 0
+        block = max(1, min(QUERY_BLOCK, self.window))  # block <= W keeps every mask block x block
+        outputs = []
+        for first in range(0, queries, block):
+            last = min(first + block, queries)
+            start, end = offset + first, offset + last  # the block's queries, as key indices
+            rows = torch.arange(start, end, device=key.device)[:, None]
+            lo = max(0, start - self.window + 1)  # keys before lo are grouped for every query of the block
+            mid = max(lo, end - self.window)  # keys in [lo, mid) are grouped for some queries, neighbours for others
+            parts = []
+
+            def part(q, k, first_key, end_key, allowed=None, causal=False):
+                if end_key <= first_key:
+                    return
+                mask = None if allowed is None else allowed(torch.arange(first_key, end_key, device=key.device))
+                if attention_mask is not None:
+                    if causal:  # the padding mask replaces the kernel's causal flag
+                        mask, causal = torch.arange(first_key, end_key, device=key.device)[None, :] <= rows, False
+                    padding = attention_mask[:, :, first:last, first_key:end_key]
+                    mask = padding if mask is None else padding & mask
+                elif mask is not None:
+                    mask = mask[None, None]
+                parts.append(attend_with_lse(q[:, :, first:last], k[:, :, first_key:end_key],
+                                             value[:, :, first_key:end_key], mask, scale, dropout, self.force_math,
+                                             causal))
+
+            part(group_query, group_key, 0, lo)  # grouped, seen by the whole block
+            part(group_query, group_key, lo, mid, lambda j: j[None, :] <= rows - self.window)  # grouped, partly
+            part(plain_query, plain_key, lo, mid, lambda j: j[None, :] > rows - self.window)  # neighbours, partly
+            part(plain_query, plain_key, mid, start)  # neighbours of the whole block
+            part(plain_query, plain_key, start, end, causal=True)  # the block's own keys: causal
+            outputs.append(merge_by_lse(parts))
+        output = torch.cat(outputs, dim=2).to(query.dtype)
+        return output.transpose(1, 2).contiguous(), None
+
+
+# ------------------------------------------------------------------------------------ registration, activation
+def _dispatching_attention(module, query, key, value, attention_mask, **kwargs):
+    runtime = getattr(module, RUNTIME_ATTRIBUTE, None)
+    if runtime is None:
+        raise RuntimeError(
+            f"{type(module).__name__}: this model's config selects SelfExtend attention ({ATTENTION_NAME!r}) but "
+            "SelfExtend was not activated. Load it with longctx_hf.from_pretrained(path), or with "
+            "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+    return runtime.attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def register():
+    """Make rope_type 'self_extend' loadable and register the attention + mask functions (idempotent)."""
+    ROPE_INIT_FUNCTIONS.setdefault(ROPE_TYPE, compute_self_extend_parameters)
+    if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionInterface.register(ATTENTION_NAME, _dispatching_attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def base_attention_name(name):
+    """The attention implementation SelfExtend wraps for short inputs: sdpa unless the model uses eager."""
+    name = shared.base_attention_name(name)
+    return "sdpa" if name in (None, ATTENTION_NAME) else name
+
+
+def check_supported(model, rotary, base=None):
+    """Raise a ValueError, before anything is modified, if `activate` could not serve this model."""
+    base = base_attention_name(base if base is not None else rotary.config._attn_implementation)
+    if base not in shared.WRAPPABLE_ATTENTION:
+        raise ValueError(f"SelfExtend computes its own attention and wraps {shared.WRAPPABLE_ATTENTION} for short "
+                         f"inputs, not {base!r}; load the model with attn_implementation='sdpa' or 'eager'")
+    shared._layout_is_interleaved(rotary, rotary.inv_freq)
+    config = rotary.config
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"{type(model).__name__} uses attn_logit_softcapping={config.attn_logit_softcapping}, which "
+                         "SelfExtend's attention does not implement; refusing rather than computing another model")
+    attention_modules = [m for m in model.modules() if getattr(m, "config", None) is not None
+                         and hasattr(m, "layer_idx") and not hasattr(m, "mlp")]
+    if not attention_modules:
+        raise ValueError(f"{type(model).__name__}: no attention module with layer_idx; SelfExtend does not support "
+                         "this architecture")
+    if any(hasattr(m, "sinks") for m in attention_modules):
+        raise ValueError(f"{type(model).__name__} uses attention sinks, which SelfExtend's attention does not "
+                         "implement")
+
+
+def activate(model, base=None):
+    """Install SelfExtend on a model whose config has rope_type 'self_extend'. `base`: the attention
+    implementation the model used before (default: what its config says, sdpa if that is SelfExtend itself)."""
+    register()
+    rotaries = shared._rotary_modules(model)
+    if not rotaries:
+        raise ValueError(f"{type(model).__name__} has no standard rotary module (inv_freq + original_inv_freq)")
+    config = rotaries[0].config
+    if config.rope_parameters.get("rope_type") != ROPE_TYPE:
+        raise ValueError(f"SelfExtend needs rope_type {ROPE_TYPE!r}, got {config.rope_parameters.get('rope_type')!r}")
+    base = base_attention_name(base if base is not None else config._attn_implementation)
+    check_supported(model, rotaries[0], base)
+    original, interleaved = shared.make_rotaries_identity(rotaries)
+    runtime = None
+    for module in model.modules():
+        if getattr(module, "config", None) is config and hasattr(module, "layer_idx"):
+            if runtime is None:
+                runtime = SelfExtendRuntime(config, original, interleaved, shared._base_attention(base, module))
+            setattr(module, RUNTIME_ATTRIBUTE, runtime)
+    config._attn_implementation_internal = ATTENTION_NAME
+    model._longctx_self_extend_check = model.register_forward_pre_hook(_check_forward, with_kwargs=True)
+    shared._save_remote_code_with(model, remote_files())
+    return model
+
+
+def _check_forward(model, args, kwargs):
+    """Refuse what would silently lose positions: another attention implementation set after activation (the
+    rotary module is the identity), or a static cache."""
+    implementation = shared._rotary_modules(model)[0].config._attn_implementation
+    if implementation != ATTENTION_NAME:
+        raise ValueError(f"attention implementation {implementation!r} was set after SelfExtend was installed; it "
+                         "would run without positions. Call extend_context (or activate) again")
+    shared.refuse_static_cache(kwargs)
+
+
+def deactivate(model):
+    """Undo `activate` on the attention side (the caller rebuilds the rotary module)."""
+    handle = model.__dict__.pop("_longctx_self_extend_check", None)
+    if handle is None:
+        return
+    handle.remove()
+    for module in model.modules():
+        runtime = module.__dict__.pop(RUNTIME_ATTRIBUTE, None)
+        if runtime is not None:
+            base = runtime.base_attention
+            module.config._attn_implementation_internal = "eager" if base.__name__ == "eager_attention_forward" \
+                else "sdpa"
+    model.__dict__.pop("save_pretrained", None)
+
+
+def remote_files() -> dict:
+    """This file and its sibling, as written beside config.json."""
+    with open(__file__, encoding="utf-8") as f:
+        own = f.read()
+    return {REMOTE_FILE: own, SHARED_FILE: shared.source()}
+
+
+class SelfExtendForCausalLM(shared.DynamicRopeForCausalLM):
+    """`auto_map` target: loads the architecture named by the config's own model_type, then activates SelfExtend
+    (one file serves every architecture)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        from transformers import AutoConfig
+
+        register()
+        if config is None:
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+        base = base_attention_name(kwargs.pop("attn_implementation", None) or config._attn_implementation)
+        model = shared.load_native_causal_lm(pretrained_model_name_or_path, *args, config=config,
+                                             attn_implementation=ATTENTION_NAME, **kwargs)
+        return activate(model, base)
+
+
+register()

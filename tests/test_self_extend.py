@@ -1,0 +1,279 @@
+"""SelfExtend: the paper's definition (checked against an O(n^2) reference written from it), the unextended model
+inside the window, cache-exact decoding, padding, refusals, and reloading in fresh processes.
+
+Tiny models pretrained to L = 64 tokens, neighbour window W = 16, group size G = 5: reach (64 - 16) * 5 + 16 = 256.
+"""
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from longctx_hf import extend_context, methods
+from longctx_hf.checkpoint import extend_checkpoint
+from longctx_hf.methods import self_extend
+from longctx_hf.remote import longctx_self_extend as runtime
+from models import tiny_model
+from test_dynamic_cache import REPO, generate, recompute, run
+
+L, W, G = 64, 16, 5
+TOL = 1e-5
+# llama: halves; mistral (no sliding window); gpt_neox: partial rotary (25%); cohere: interleaved pairs
+KINDS = ["llama", "mistral", "gpt_neox", "cohere"]
+
+
+def tiny(kind="llama", seed=0, **overrides):
+    return tiny_model(kind, seed=seed, **{"max_position_embeddings": L, **overrides})
+
+
+def extended(kind="llama", seed=0, **options):
+    return extend_context(tiny(kind, seed), "self_extend", 4, **{"window": W, "group_size": G, **options})
+
+
+def runtimes(model):
+    return {id(r): r for m in model.modules() for r in [getattr(m, runtime.RUNTIME_ATTRIBUTE, None)] if r}.values()
+
+
+def reference_attention(group_size, window, inv_freq, interleaved):
+    """The definition, literally: for every pair (i, j <= i) rotate q_i by its SelfExtend distance and dot it with
+    the unrotated k_j (RoPE scores depend on the distance only); n x n x head_dim memory, for tiny inputs."""
+
+    def attention(module, q, k, v, mask, scaling=None, **kwargs):
+        n = q.shape[-2]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        distance = torch.tensor([[self_extend.grouped_distance(a, b, group_size, window) if b <= a else 0
+                                  for b in range(n)] for a in range(n)])
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+        angles = distance[..., None].double() * inv_freq.double()  # (n, n, half)
+        cos, sin = angles.cos(), angles.sin()
+        half = inv_freq.numel()
+        if interleaved:
+            q1, q2, k1, k2 = q[..., 0:2 * half:2], q[..., 1:2 * half:2], k[..., 0:2 * half:2], k[..., 1:2 * half:2]
+        else:
+            q1, q2, k1, k2 = q[..., :half], q[..., half:2 * half], k[..., :half], k[..., half:2 * half]
+        q1, q2 = q1.double()[:, :, :, None], q2.double()[:, :, :, None]  # (b, h, n, 1, half)
+        rotated1, rotated2 = q1 * cos - q2 * sin, q2 * cos + q1 * sin  # q_i rotated by distance(i, j)
+        scores = (rotated1 * k1.double()[:, :, None]).sum(-1) + (rotated2 * k2.double()[:, :, None]).sum(-1)
+        scores = scores + (q[..., 2 * half:].double() @ k[..., 2 * half:].double().transpose(-1, -2))  # not rotated
+        scores = (scores * scaling).masked_fill(j > i, -torch.inf)
+        return (scores.softmax(-1) @ v.double()).to(q.dtype).transpose(1, 2), None
+
+    return attention
+
+
+class Reference:
+    def __init__(self, attention):
+        self.attention = attention
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_the_papers_definition(kind, monkeypatch):
+    model = extended(kind)
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(runtime, "QUERY_BLOCK", 48)  # several blocks, a band wider than one block
+    with torch.no_grad():
+        fast = model(ids).logits
+        (live,) = runtimes(model)
+        live.force_math = True
+        explicit = model(ids).logits
+        reference = Reference(reference_attention(G, W, live.inv_freq, live.interleaved))
+        for module in model.modules():
+            if hasattr(module, runtime.RUNTIME_ATTRIBUTE):
+                setattr(module, runtime.RUNTIME_ATTRIBUTE, reference)
+        expected = model(ids).logits
+    error = (fast - expected).abs().max().item()
+    assert error <= TOL and (explicit - expected).abs().max().item() <= TOL
+    # and SelfExtend is not plain RoPE here: the unextended model is far from the reference by comparison
+    with torch.no_grad():
+        assert (tiny(kind)(ids).logits - expected).abs().max().item() > 100 * max(error, 1e-7)
+
+
+def test_grouped_distances_stay_inside_the_pretrained_range():
+    spec = self_extend.Spec(factor=4, rope_theta=1e4, rotary_dim=16, original_max_position_embeddings=L,
+                            window=W, group_size=G)
+    n = spec.extended_length
+    assert max(self_extend.grouped_distance(i, 0, G, W) for i in range(n)) <= L
+    assert all(self_extend.grouped_distance(i, j, G, W) == i - j for i in range(n) for j in range(max(0, i - W + 1), i))
+
+
+def test_inside_the_window_it_is_exactly_the_unextended_model():
+    plain = tiny(max_position_embeddings=256)
+    model = extend_context(tiny(max_position_embeddings=256), "self_extend", 2, window=128, group_size=4)
+    ids = torch.randint(1, 128, (2, 128), generator=torch.Generator().manual_seed(1))  # 0 is the pad id
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    sequences, logits = generate(model, ids[:, :60], new=60)
+    expected_sequences, expected = generate(plain, ids[:, :60], new=60)
+    assert torch.equal(sequences, expected_sequences) and torch.equal(logits, expected)
+
+
+@pytest.mark.parametrize("kind", ["llama", "cohere"])
+def test_cached_generate_equals_recompute(kind):
+    model = extended(kind)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    sequences, logits = generate(model, ids, new=120)
+    assert sequences.shape[1] == 160 > 2 * L
+    assert (logits[0] - recompute(model, sequences[0], 40)).abs().max().item() <= 1e-4
+
+
+def test_left_padded_batch_each_row_equals_its_own_recompute():
+    model = extended()
+    rows = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (30, 50)]
+    ids = torch.zeros(2, 50, dtype=torch.long)
+    mask = torch.zeros(2, 50, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, 50 - len(row):], mask[b, 50 - len(row):] = row, 1
+    sequences, logits = generate(model, ids, attention_mask=mask, new=100)
+    for b, row in enumerate(rows):
+        alone = torch.cat([row, sequences[b, 50:]])
+        error = (logits[b] - recompute(model, alone, len(row))).abs().max().item()
+        assert error <= 1e-4, (b, error)
+
+
+def test_default_group_size_and_window_follow_the_documented_rule():
+    spec = self_extend.Spec(factor=2, rope_theta=1e5, rotary_dim=64, original_max_position_embeddings=8192)
+    assert (spec.window, spec.group_size) == (2048, 3)  # W = L // 4; smallest G with (L - W) G + W >= 16384
+    assert self_extend.reach(8192, 3, 2048) >= 16384 > self_extend.reach(8192, 2, 2048)
+    spec = self_extend.Spec(factor=4, rope_theta=1e5, rotary_dim=64, original_max_position_embeddings=8192,
+                            window=1024)
+    assert spec.group_size == 5 and self_extend.reach(8192, 5, 1024) >= 32768 > self_extend.reach(8192, 4, 1024)
+    model = extend_context(tiny(), "self_extend", target_length=256)
+    record = model.config.to_dict()["longctx_hf"]
+    assert record["options"] == {"group_size": 5, "window": 16} and model.config.max_position_embeddings == 256
+
+
+@pytest.mark.parametrize("options,error,match", [
+    ({"group_size": 2}, ValueError, "reach .* less than the target 256"),
+    ({"window": 64}, ValueError, "window must be smaller than the pretrained length 64"),
+    ({"window": 0}, ValueError, "window must be an int >= 1"),
+    ({"group_size": 1}, ValueError, "group_size must be an int >= 2"),
+    ({"group_size": 2.5}, TypeError, "group_size must be an int"),
+    ({"window_size": 8}, ValueError, "did you mean 'window'"),
+])
+def test_bad_options_are_refused_before_the_model_changes(options, error, match):
+    model = tiny()
+    before = model.config.to_dict()
+    with pytest.raises(error, match=match):
+        extend_context(model, "self_extend", 4, **options)
+    assert model.config.to_dict() == before and model.config._attn_implementation == "sdpa"
+
+
+def test_refuses_what_its_attention_does_not_implement():
+    model = tiny("gemma2")
+    with pytest.raises(ValueError, match="attn_logit_softcapping=50"):
+        extend_context(model, "self_extend", 4)
+    model = tiny()
+    model.config._attn_implementation_internal = "flex_attention"
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        extend_context(model, "self_extend", 4)
+    assert model.config.rope_parameters["rope_type"] == "default"
+
+
+def test_refuses_static_cache_and_a_later_attention_switch():
+    model = extended()
+    with pytest.raises(ValueError, match="DynamicCache"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2, cache_implementation="static",
+                       pad_token_id=0)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="without positions"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_gradients_flow_and_match_the_inference_path():
+    model = extended()
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.train()
+    logits = model(ids).logits  # autograd: the explicit path (the flash kernel's log-sum-exp has no gradient)
+    assert (logits - expected).abs().max().item() <= TOL
+    logits[0, -1].sum().backward()
+    assert model.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+def test_reextending_replaces_self_extend_and_back():
+    model = extend_context(extended(), "yarn", 4)
+    fresh = extend_context(tiny(), "yarn", 4)
+    config = model.config.to_dict()
+    assert model.config._attn_implementation == "sdpa" and "auto_map" not in config
+    assert "attn_implementation" not in config and not list(runtimes(model))
+    ids = torch.randint(0, 128, (1, 200))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh(ids).logits)
+        extend_context(model, "self_extend", 4, window=W, group_size=G)
+        assert torch.allclose(model(ids).logits, extended()(ids).logits, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ reloading
+PLAIN_RELOAD = r"""
+import importlib.util, json, sys
+sys.path.append(sys.argv[2])  # site-packages without its .pth files: the editable longctx_hf is not importable
+assert importlib.util.find_spec("longctx_hf") is None
+import torch
+from transformers import AutoModelForCausalLM
+folder = sys.argv[1]
+try:
+    AutoModelForCausalLM.from_pretrained(folder)(torch.zeros(1, 4, dtype=torch.long))
+    plain_error = None
+except Exception as err:
+    plain_error = f"{type(err).__name__}: {err}"
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+data = torch.load(folder + "/expected.pt")
+with torch.no_grad():
+    logits = model(data["ids"]).logits
+out = model.generate(data["ids"][:, :40], max_new_tokens=80, min_new_tokens=80, do_sample=False,
+                     output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+with torch.no_grad():
+    full = model(out.sequences).logits[0, 39:-1]
+assert not [name for name in sys.modules if name.startswith("longctx_hf")], "longctx_hf was imported"
+print(json.dumps({"plain_error": plain_error, "attention": model.config._attn_implementation,
+                  "equal": torch.equal(logits, data["logits"]),
+                  "cache_error": (torch.stack(out.logits, 1)[0] - full).abs().max().item()}))
+"""
+
+LONGCTX_RELOAD = r"""
+import json, sys, torch
+import longctx_hf
+folder = sys.argv[1]
+model = longctx_hf.from_pretrained(folder)
+data = torch.load(folder + "/expected.pt")
+with torch.no_grad():
+    logits = model(data["ids"]).logits
+print(json.dumps({"equal": torch.equal(logits, data["logits"]), "attention": model.config._attn_implementation,
+                  "info": longctx_hf.context_info(model).method}))
+"""
+
+
+def test_reload_in_fresh_processes_and_the_offline_rewriter(tmp_path):
+    model = extended()
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits = model(ids).logits
+    folder = tmp_path / "extended"
+    model.save_pretrained(folder)
+    torch.save({"ids": ids, "logits": logits}, folder / "expected.pt")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "longctx_self_extend.SelfExtendForCausalLM"}
+    assert config["attn_implementation"] == "longctx_self_extend"
+    for name, source in methods.remote_code_files(self_extend).items():
+        assert (folder / name).read_text() == source
+
+    # the offline rewriter writes the same config and code from the unextended checkpoint
+    tiny().save_pretrained(tmp_path / "plain")
+    extend_checkpoint(tmp_path / "plain", tmp_path / "offline", "self_extend", 4, window=W, group_size=G)
+    assert json.loads((tmp_path / "offline" / "config.json").read_text()) == config
+    for name in self_extend.REMOTE_FILES:
+        assert (tmp_path / "offline" / name).read_text() == (folder / name).read_text()
+
+    plain = run(PLAIN_RELOAD, [str(folder), sysconfig.get_paths()["purelib"]], tmp_path)
+    assert plain["plain_error"] is not None  # never silently plain RoPE
+    assert plain["attention"] == "longctx_self_extend" and plain["equal"] and plain["cache_error"] <= 1e-4
+    exact = run(LONGCTX_RELOAD, [str(folder)], tmp_path, pythonpath=str(REPO))
+    assert exact == {"equal": True, "attention": "longctx_self_extend", "info": "self_extend"}
+
+
+def test_listed_as_a_method():
+    assert methods.get_method("selfextend") is self_extend
+    assert "group_size" in self_extend.Spec.option_names() and "window" in self_extend.Spec.option_names()
