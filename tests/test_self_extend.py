@@ -118,6 +118,17 @@ def test_cached_generate_equals_recompute(kind):
     assert (logits[0] - recompute(model, sequences[0], 40)).abs().max().item() <= 1e-4
 
 
+def test_prefill_in_chunks_with_a_cache_equals_one_forward():
+    model = extended()
+    ids = torch.randint(0, 128, (1, 230), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids).logits
+        first = model(ids[:, :90], use_cache=True)
+        second = model(ids[:, 90:], past_key_values=first.past_key_values, use_cache=True)
+    chunked = torch.cat([first.logits, second.logits], dim=1)
+    assert (chunked - full).abs().max().item() <= 1e-5
+
+
 def test_left_padded_batch_each_row_equals_its_own_recompute():
     model = extended()
     rows = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (30, 50)]

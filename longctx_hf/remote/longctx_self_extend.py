@@ -11,12 +11,13 @@ How:
 - the model's rotary module is the identity, so the KV cache stores keys *before* rotation; every forward rotates
   queries and keys twice: at their own positions (neighbour part) and at grouped positions (query:
   floor(i/G) + W - floor(W/G), key: floor(j/G)), whose differences are exactly the two distances above;
-- the attention is computed in query blocks (at most W queries) as parts that split each query's causal keys
-  exactly: grouped keys the whole block sees (j <= start - W), a block-wide strip where the split depends on the
-  query (grouped if j <= i - W, else neighbour: two complementary block x block masks), neighbour keys the whole
-  block sees, and the block's own keys (the kernel's causal mode). Each part returns its log-sum-exp and the parts
-  are merged by it; only the strip needs masks, so the work is that of causal attention plus two thin strips.
-  No n x n score matrix exists at any point: memory is O(n) (block x block masks, rotated copies of the keys).
+- the softmax over each query's causal keys is split into parts that are merged exactly by their log-sum-exp:
+  * grouped keys (j <= i - W): one causal attention of the grouped queries i >= W against the grouped keys
+    j < K - W (shifted by W), with the kernel's causal mode, no mask (with padding: per query block, masked);
+  * neighbour keys (i - W < j <= i), per block of QUERY_BLOCK queries: a thin strip with a block x block mask,
+    the keys the whole block sees, and the block's own keys in causal mode.
+  The work is causal attention plus a band of width W. No n x n score matrix exists at any point: memory is O(n)
+  (block x block masks, rotated copies of the keys).
 - while every distance is below W (short inputs, the first W tokens) it is the wrapped sdpa/eager attention on
   plainly rotated states: bit-identical to the unextended model.
 Keys are assumed to hold consecutive positions ending at the last query's position (true for DynamicCache, left
@@ -39,7 +40,7 @@ ROPE_TYPE = "self_extend"
 ATTENTION_NAME = "longctx_self_extend"
 RUNTIME_ATTRIBUTE = "_longctx_self_extend"
 REMOTE_FILE = "longctx_self_extend.py"
-QUERY_BLOCK = 1024  # queries per attention block (at most W): masks are at most block x block
+QUERY_BLOCK = 512  # queries per attention block (at most W): masks are at most block x block
 MATH_BLOCK_ELEMENTS = 1 << 26  # the explicit (math) path keeps batch x heads x block x keys under this
 
 
@@ -66,7 +67,7 @@ def _attend_flash_cpu(query, key, value, mask, scale, dropout, causal):
     return output, lse
 
 
-def _attend_math(query, key, value, mask, scale, dropout):
+def _attend_math(query, key, value, mask, scale, dropout, causal):
     """Explicit scores in float32, by query block so that no more than MATH_BLOCK_ELEMENTS scores exist at once."""
     batch, heads, queries, dim = query.shape
     groups = heads // key.shape[1]
@@ -82,6 +83,9 @@ def _attend_math(query, key, value, mask, scale, dropout):
         if mask is not None:  # (batch|1, 1, block, keys) -> broadcast over kv heads and groups
             block_mask = mask[..., start : start + step, :]
             scores = scores.masked_fill(~block_mask[:, :, None], -math.inf)
+        if causal:
+            rows = torch.arange(start, start + q.shape[-2], device=q.device)[:, None]
+            scores = scores.masked_fill(torch.arange(keys, device=q.device)[None, :] > rows, -math.inf)
         lse = torch.logsumexp(scores, dim=-1)
         weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
         if dropout:
@@ -103,19 +107,19 @@ def attend_with_lse(query, key, value, mask, scale, dropout=0.0, force_math=Fals
         if mask is not None:  # the kernel reports log-sum-exp 0 for a fully masked row
             lse = lse.masked_fill(~mask.any(dim=-1), -math.inf)
         return output, lse.float()
-    if causal:
-        mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()[None, None]
-    return _attend_math(query, key, value, mask, scale, dropout)
+    return _attend_math(query, key, value, mask, scale, dropout, causal)
 
 
-def merge_by_lse(parts):
+def merge_by_lse(parts, with_lse=False):
     """Softmax attention over the union of disjoint key sets, from each set's (output, log-sum-exp)."""
     lses = torch.stack([lse for _, lse in parts])
     top = lses.max(dim=0).values
     top = torch.where(torch.isfinite(top), top, 0.0)
     weights = torch.exp(lses - top)  # (parts, batch, heads, queries)
     total = sum(w[..., None] * out.float() for w, (out, _) in zip(weights, parts))
-    return total / weights.sum(dim=0).clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    norm = weights.sum(dim=0)
+    output = total / norm.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    return (output, top + torch.log(norm)) if with_lse else output
 
 
 # ------------------------------------------------------------------------------------------------ the runtime
@@ -176,6 +180,9 @@ class SelfExtendRuntime:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         dropout = dropout if module.training else 0.0
         offset = length - queries  # key index of query 0
+        grouped = None
+        if attention_mask is None:  # no padding: the whole grouped part is one causal problem (two calls at most)
+            grouped = self._grouped_without_padding(group_query, group_key, value, offset, scale, dropout)
         block = max(1, min(QUERY_BLOCK, self.window))  # block <= W keeps every mask block x block
         outputs = []
         for first in range(0, queries, block):
@@ -201,14 +208,41 @@ class SelfExtendRuntime:
                                              value[:, :, first_key:end_key], mask, scale, dropout, self.force_math,
                                              causal))
 
-            part(group_query, group_key, 0, lo)  # grouped, seen by the whole block
-            part(group_query, group_key, lo, mid, lambda j: j[None, :] <= rows - self.window)  # grouped, partly
+            if grouped is not None:
+                parts.append((grouped[0][:, :, first:last], grouped[1][:, :, first:last]))
+            else:
+                part(group_query, group_key, 0, lo)  # grouped, seen by the whole block
+                part(group_query, group_key, lo, mid, lambda j: j[None, :] <= rows - self.window)  # grouped, partly
             part(plain_query, plain_key, lo, mid, lambda j: j[None, :] > rows - self.window)  # neighbours, partly
             part(plain_query, plain_key, mid, start)  # neighbours of the whole block
             part(plain_query, plain_key, start, end, causal=True)  # the block's own keys: causal
             outputs.append(merge_by_lse(parts))
         output = torch.cat(outputs, dim=2).to(query.dtype)
         return output.transpose(1, 2).contiguous(), None
+
+
+    def _grouped_without_padding(self, query, key, value, offset, scale, dropout):
+        """(output, log-sum-exp) of every query over its grouped keys j <= i - W, for unpadded inputs.
+
+        Queries i >= W have grouped keys; keys [0, K - W) are grouped for some query. Query t of those sees
+        j <= c + t (c = its first key index - W): keys [0, c) are seen by all, the rest is a square causal block."""
+        batch, heads, queries, dim = query.shape
+        output = query.new_zeros(batch, heads, queries, dim, dtype=torch.float32)
+        lse = torch.full((batch, heads, queries), -math.inf, device=query.device)
+        first = max(0, self.window - offset)  # the first query with grouped keys
+        if first >= queries:
+            return output, lse
+        seen_by_all = offset + first - self.window
+        grouped_keys = key.shape[-2] - self.window
+        parts = [attend_with_lse(query[:, :, first:], key[:, :, seen_by_all:grouped_keys],
+                                 value[:, :, seen_by_all:grouped_keys], None, scale, dropout, self.force_math,
+                                 causal=True)]
+        if seen_by_all > 0:
+            parts.append(attend_with_lse(query[:, :, first:], key[:, :, :seen_by_all], value[:, :, :seen_by_all],
+                                         None, scale, dropout, self.force_math))
+        merged_output, merged_lse = merge_by_lse(parts, with_lse=True)
+        output[:, :, first:], lse[:, :, first:] = merged_output, merged_lse
+        return output, lse
 
 
 # ------------------------------------------------------------------------------------ registration, activation
