@@ -6,8 +6,14 @@ Parts (each writes as it goes; run them one after another on a quiet machine):
         `longctx_hf.evaluate.evaluate_model`: perplexity of the last 4096 tokens of the default text with the full
         context, next to the 8k-window baseline on the same tokens (stride 2048), and passkey at depths 0.1/0.5/0.9
         -> OUT/results.json, results.md, ppl_vs_length.png, passkey_heatmap.png
-    python benchmarks/bench_self_extend_smollm2.py variant OUT --length 32768 --group-size 8 --window 2048
-        the same perplexity for SelfExtend with an explicit G and W -> OUT/variant-G8-W2048-32768.json
+    python benchmarks/bench_self_extend_smollm2.py variant OUT --length 32768 [--method self_extend] [--group-size 8
+        --window 2048]: the same perplexity alone (no passkey) for one method at factor length / 8192, SelfExtend
+        with an explicit G and W if given -> OUT/variant-<method>[-G8-W2048]-32768.json
+    python benchmarks/bench_self_extend_smollm2.py hf_dynamic OUT --length 32768
+        the same perplexity for transformers' own dynamic NTK (native `rope_type: dynamic`, factor length / 8192),
+        which scales the whole forward by its total length (longctx_hf's cache-exact dynamic_ntk computes every
+        token at its own length, one attention call per token past 8192: too slow at 32k on this CPU)
+        -> OUT/hf-dynamic-ntk-32768.json
     python benchmarks/bench_self_extend_smollm2.py speed OUT --lengths 16384,32768 [--methods none,self_extend]
         one forward (hidden states, no cache) per method and length, each in its own process: seconds and peak
         memory above the loaded model, and the ratio to the plain model at the same length -> OUT/speed.json
@@ -60,28 +66,54 @@ def quality(args):
                    stride=STRIDE, output=args.output)
 
 
-def variant(args):
+def _perplexity_row(model, length, file_name, output, **described):
+    """Perplexity of the last SCORED tokens of the default text at `length` (the tokens `quality` scores)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from longctx_hf import extend_context
     from longctx_hf.evaluate import nll_of_last
     from longctx_hf.evaluate.perplexity import default_text, perplexity
     from longctx_hf.real_model import smollm2_path
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    ids = tokenizer(default_text(min_chars=8 * args.length), return_tensors="pt").input_ids[0][-args.length:]
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
-    extend_context(model, "self_extend", target_length=args.length, group_size=args.group_size, window=args.window)
+    ids = tokenizer(default_text(min_chars=8 * length), return_tensors="pt").input_ids[0][-length:]
     start = time.perf_counter()
     with torch.no_grad():
         ppl = perplexity(nll_of_last(model, ids, SCORED), SCORED)
-    row = {"method": "self_extend", "group_size": args.group_size, "window": args.window, "length": args.length,
-           "ppl": ppl, "tokens_scored": SCORED, "seconds": time.perf_counter() - start}
+    row = {**described, "length": length, "ppl": ppl, "tokens_scored": SCORED,
+           "seconds": time.perf_counter() - start}
     print(row)
-    out = Path(args.output)
+    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"variant-G{args.group_size}-W{args.window}-{args.length}.json").write_text(json.dumps(row, indent=2))
+    (out / file_name).write_text(json.dumps(row, indent=2))
+
+
+def variant(args):
+    from transformers import AutoModelForCausalLM
+
+    from longctx_hf import extend_context
+    from longctx_hf.real_model import smollm2_path
+
+    options = {name: getattr(args, name) for name in ("group_size", "window") if getattr(args, name) is not None}
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
+    extend_context(model, args.method, target_length=args.length, **options)
+    suffix = "".join(f"-{'G' if name == 'group_size' else 'W'}{value}" for name, value in options.items())
+    _perplexity_row(model, args.length, f"variant-{args.method}{suffix}-{args.length}.json", args.output,
+                    method=args.method, **options)
+
+
+def hf_dynamic(args):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from longctx_hf.real_model import smollm2_path
+
+    config = AutoConfig.from_pretrained(smollm2_path())
+    factor = args.length / config.max_position_embeddings
+    config.rope_parameters = {"rope_type": "dynamic", "factor": factor,
+                              "rope_theta": config.rope_parameters["rope_theta"]}
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), config=config).eval()
+    _perplexity_row(model, args.length, f"hf-dynamic-ntk-{args.length}.json", args.output,
+                    method="transformers dynamic NTK (whole-forward scaling)", factor=factor)
 
 
 def speed(args):
@@ -107,18 +139,19 @@ def speed(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["quality", "variant", "speed"])
+    parser.add_argument("part", choices=["quality", "variant", "hf_dynamic", "speed"])
     parser.add_argument("output")
     parser.add_argument("--factor", type=float, default=2.0)
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--lengths", default="16384,32768")
     parser.add_argument("--methods", default=None)
+    parser.add_argument("--method", default="self_extend")
     parser.add_argument("--trials", type=int, default=1)
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--group-size", type=int, default=None)
+    parser.add_argument("--window", type=int, default=None)
     arguments = parser.parse_args()
     if arguments.methods is None:
         arguments.methods = "none,self_extend" if arguments.part == "speed" else "self_extend,yarn"
     started = time.perf_counter()
-    {"quality": quality, "variant": variant, "speed": speed}[arguments.part](arguments)
+    {"quality": quality, "variant": variant, "hf_dynamic": hf_dynamic, "speed": speed}[arguments.part](arguments)
     print(f"total {time.perf_counter() - started:.0f} s")

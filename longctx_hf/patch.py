@@ -122,11 +122,12 @@ def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs.pop("trust_remote_code", None)  # the runtime is here: never run code from the checkpoint
     base = self_extend_runtime.base_attention_name(kwargs.get("attn_implementation"))
     model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
     rotaries, config = _rotary_modules(model)
     runtime = _runtime_for(config.rope_parameters.get("rope_type"))
+    if runtime is not None and runtime.is_active(model):  # trust_remote_code=True: the shipped code activated it
+        return model
     if runtime is dynamic_runtime:
         dynamic_runtime.activate(model)
     elif runtime is self_extend_runtime:

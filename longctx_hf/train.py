@@ -404,9 +404,10 @@ def _save_final(accelerator, model, tokenizer, state, opts, use_cache):
         output.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    unwrapped.save_pretrained(str(staging), is_main_process=accelerator.is_main_process, state_dict=state_dict,
-                              save_function=accelerator.save)
     if accelerator.is_main_process:
+        # Only here: save_pretrained creates its folder even when told it is not the main process, so a late rank
+        # would recreate the staging folder after it was moved into place (the state dict is already gathered).
+        unwrapped.save_pretrained(str(staging), state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(str(staging))
         state.save_to_json(str(staging / STATE_FILE))
         for item in sorted(staging.iterdir()):

@@ -285,3 +285,15 @@ def test_reload_in_fresh_processes(tmp_path):
 
     exact = run(LONGCTX_RELOAD, [listed], tmp_path, pythonpath=str(REPO))
     assert all(result["equal"] and result["attention"] == "longctx_dynamic_rope:sdpa" for result in exact.values())
+
+
+def test_a_saved_dynamic_yarn_config_with_bad_values_fails_on_load(tmp_path):
+    from transformers import AutoConfig
+
+    extended("llama", "dynamic_yarn").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_type"] == "dynamic_yarn"  # valid as saved
+    config["rope_parameters"]["beta_fast"] = config["rope_scaling"]["beta_fast"] = -1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match=r"'beta_fast'\] must be a positive number"):
+        AutoConfig.from_pretrained(tmp_path)

@@ -248,11 +248,13 @@ LONGCTX_RELOAD = r"""
 import json, sys, torch
 import longctx_hf
 folder = sys.argv[1]
-model = longctx_hf.from_pretrained(folder)
 data = torch.load(folder + "/expected.pt")
-with torch.no_grad():
-    logits = model(data["ids"]).logits
-print(json.dumps({"equal": torch.equal(logits, data["logits"]), "attention": model.config._attn_implementation,
+equal = []
+for trust in (False, True):  # with trust_remote_code the shipped code activates it; from_pretrained does not again
+    model = longctx_hf.from_pretrained(folder, trust_remote_code=trust)
+    with torch.no_grad():
+        equal.append(torch.equal(model(data["ids"]).logits, data["logits"]))
+print(json.dumps({"equal": equal, "attention": model.config._attn_implementation,
                   "info": longctx_hf.context_info(model).method}))
 """
 
@@ -282,7 +284,18 @@ def test_reload_in_fresh_processes_and_the_offline_rewriter(tmp_path):
     assert plain["plain_error"] is not None  # never silently plain RoPE
     assert plain["attention"] == "longctx_self_extend" and plain["equal"] and plain["cache_error"] <= 1e-4
     exact = run(LONGCTX_RELOAD, [str(folder)], tmp_path, pythonpath=str(REPO))
-    assert exact == {"equal": True, "attention": "longctx_self_extend", "info": "self_extend"}
+    assert exact == {"equal": [True, True], "attention": "longctx_self_extend", "info": "self_extend"}
+
+
+def test_a_saved_config_with_bad_values_fails_on_load(tmp_path):
+    extended().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"]["window"] = config["rope_scaling"]["window"] = L
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    from transformers import AutoConfig
+
+    with pytest.raises(Exception, match="'window'\\] must be smaller"):
+        AutoConfig.from_pretrained(tmp_path)
 
 
 def test_listed_as_a_method():

@@ -32,7 +32,7 @@ import tempfile
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RotaryEmbeddingConfigMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 DYNAMIC_ROPE_TYPES = ("dynamic", "dynamic_yarn")
@@ -216,9 +216,24 @@ def _dispatching_attention(module, query, key, value, attention_mask, **kwargs):
     return runtime.attention(module, query, key, value, attention_mask, **kwargs)
 
 
+def _validate_dynamic_yarn_rope_parameters(config, rope_parameters, ignore_keys=None):
+    """transformers' config validation hook for this rope type (a config with bad values fails on load)."""
+    original = rope_parameters.get("original_max_position_embeddings")
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        raise ValueError("rope_parameters['original_max_position_embeddings'] must be a positive int for rope_type "
+                         f"'dynamic_yarn', got {original!r}")
+    for key in ("factor", "beta_fast", "beta_slow"):
+        value = rope_parameters.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"rope_parameters[{key!r}] must be a positive number for rope_type 'dynamic_yarn', "
+                             f"got {value!r}")
+
+
 def register():
     """Make rope_type 'dynamic_yarn' loadable and register the wrapped attention + mask functions (idempotent)."""
     ROPE_INIT_FUNCTIONS.setdefault("dynamic_yarn", compute_dynamic_yarn_parameters)
+    if not hasattr(RotaryEmbeddingConfigMixin, "_validate_dynamic_yarn_rope_parameters"):
+        RotaryEmbeddingConfigMixin._validate_dynamic_yarn_rope_parameters = _validate_dynamic_yarn_rope_parameters
     for base in WRAPPABLE_ATTENTION:
         name = ATTENTION_PREFIX + base
         if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
@@ -325,6 +340,10 @@ def refuse_static_cache(kwargs):
         kinds = sorted({type(layer).__name__ for layer in cache.layers})
         raise ValueError(f"this runtime (keys cached before rotation) supports DynamicCache (the default) only, got "
                          f"layers {kinds}; do not pass cache_implementation to generate")
+
+
+def is_active(model) -> bool:
+    return "_longctx_cache_check" in model.__dict__
 
 
 def _check_forward(model, args, kwargs):

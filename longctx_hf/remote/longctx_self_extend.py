@@ -30,7 +30,7 @@ import math
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RotaryEmbeddingConfigMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import longctx_dynamic_rope as shared
@@ -256,9 +256,22 @@ def _dispatching_attention(module, query, key, value, attention_mask, **kwargs):
     return runtime.attention(module, query, key, value, attention_mask, **kwargs)
 
 
+def _validate_self_extend_rope_parameters(config, rope_parameters, ignore_keys=None):
+    """transformers' config validation hook for this rope type (a config with bad values fails on load)."""
+    for key in ("group_size", "window", "original_max_position_embeddings"):
+        value = rope_parameters.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"rope_parameters[{key!r}] must be a positive int for rope_type 'self_extend', got "
+                             f"{value!r}")
+    if rope_parameters["window"] >= rope_parameters["original_max_position_embeddings"]:
+        raise ValueError("rope_parameters['window'] must be smaller than 'original_max_position_embeddings'")
+
+
 def register():
     """Make rope_type 'self_extend' loadable and register the attention + mask functions (idempotent)."""
     ROPE_INIT_FUNCTIONS.setdefault(ROPE_TYPE, compute_self_extend_parameters)
+    if not hasattr(RotaryEmbeddingConfigMixin, "_validate_self_extend_rope_parameters"):
+        RotaryEmbeddingConfigMixin._validate_self_extend_rope_parameters = _validate_self_extend_rope_parameters
     if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         AttentionInterface.register(ATTENTION_NAME, _dispatching_attention)
         AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
@@ -314,6 +327,10 @@ def activate(model, base=None):
     model._longctx_self_extend_check = model.register_forward_pre_hook(_check_forward, with_kwargs=True)
     shared._save_remote_code_with(model, remote_files())
     return model
+
+
+def is_active(model) -> bool:
+    return "_longctx_self_extend_check" in model.__dict__
 
 
 def _check_forward(model, args, kwargs):
