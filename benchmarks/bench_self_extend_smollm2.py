@@ -3,12 +3,13 @@
 Parts (each writes as it goes; run them one after another on a quiet machine):
 
     python benchmarks/bench_self_extend_smollm2.py quality OUT --factor 2 --length 16384 [--methods ...] [--trials 1]
+        [--depths 0.1,0.5,0.9]
         `longctx_hf.evaluate.evaluate_model`: perplexity of the last 4096 tokens of the default text with the full
         context, next to the 8k-window baseline on the same tokens (stride 2048), and passkey at depths 0.1/0.5/0.9
         -> OUT/results.json, results.md, ppl_vs_length.png, passkey_heatmap.png
     python benchmarks/bench_self_extend_smollm2.py variant OUT --length 32768 [--method self_extend] [--group-size 8
-        --window 2048]: the same perplexity alone (no passkey) for one method at factor length / 8192, SelfExtend
-        with an explicit G and W if given -> OUT/variant-<method>[-G8-W2048]-32768.json
+        --window 2048] [--factor F]: the same perplexity alone (no passkey) for one method at factor F (default
+        length / 8192), SelfExtend with an explicit G and W if given -> OUT/variant-<method>[-G8-W2048]-32768.json
     python benchmarks/bench_self_extend_smollm2.py hf_dynamic OUT --length 32768
         the same perplexity for transformers' own dynamic NTK (native `rope_type: dynamic`, factor length / 8192),
         which scales the whole forward by its total length (longctx_hf's cache-exact dynamic_ntk computes every
@@ -62,12 +63,16 @@ def quality(args):
     from longctx_hf.evaluate import evaluate_model
 
     evaluate_model("smollm2", methods=args.methods.split(","), factor=args.factor, lengths=[args.length],
-                   tasks=["ppl", "passkey"], depths=[0.1, 0.5, 0.9], trials=args.trials, num_scored=SCORED,
+                   tasks=["ppl", "passkey"], depths=[float(d) for d in args.depths.split(",")], trials=args.trials,
+                   num_scored=SCORED,
                    stride=STRIDE, output=args.output)
 
 
 def _perplexity_row(model, length, file_name, output, **described):
-    """Perplexity of the last SCORED tokens of the default text at `length` (the tokens `quality` scores)."""
+    """Perplexity of the last SCORED tokens of the default text at `length` (the tokens `quality` scores).
+
+    evaluate_model builds its default text to at least 8 characters per token of its longest length, so the text
+    (and its last tokens) depends on that length; 16384 here for every length up to 16k, as in the 8k/16k runs."""
     import torch
     from transformers import AutoTokenizer
 
@@ -76,7 +81,7 @@ def _perplexity_row(model, length, file_name, output, **described):
     from longctx_hf.real_model import smollm2_path
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    ids = tokenizer(default_text(min_chars=8 * length), return_tensors="pt").input_ids[0][-length:]
+    ids = tokenizer(default_text(min_chars=8 * max(length, 16384)), return_tensors="pt").input_ids[0][-length:]
     start = time.perf_counter()
     with torch.no_grad():
         ppl = perplexity(nll_of_last(model, ids, SCORED), SCORED)
@@ -96,7 +101,10 @@ def variant(args):
 
     options = {name: getattr(args, name) for name in ("group_size", "window") if getattr(args, name) is not None}
     model = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
-    extend_context(model, args.method, target_length=args.length, **options)
+    if args.factor_given:
+        extend_context(model, args.method, factor=args.factor, **options)
+    else:
+        extend_context(model, args.method, target_length=args.length, **options)
     suffix = "".join(f"-{'G' if name == 'group_size' else 'W'}{value}" for name, value in options.items())
     _perplexity_row(model, args.length, f"variant-{args.method}{suffix}-{args.length}.json", args.output,
                     method=args.method, **options)
@@ -147,9 +155,11 @@ if __name__ == "__main__":
     parser.add_argument("--methods", default=None)
     parser.add_argument("--method", default="self_extend")
     parser.add_argument("--trials", type=int, default=1)
+    parser.add_argument("--depths", default="0.1,0.5,0.9")
     parser.add_argument("--group-size", type=int, default=None)
     parser.add_argument("--window", type=int, default=None)
     arguments = parser.parse_args()
+    arguments.factor_given = "--factor" in sys.argv
     if arguments.methods is None:
         arguments.methods = "none,self_extend" if arguments.part == "speed" else "self_extend,yarn"
     started = time.perf_counter()

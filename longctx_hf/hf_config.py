@@ -201,7 +201,8 @@ def config_changes(config: dict, method, spec, pretrained: Pretrained) -> dict:
     changes.update(_auto_map_changes(config, method, spec))
     if hasattr(method, "SAVED_ATTENTION"):  # read back by from_pretrained as the attention implementation
         changes["attn_implementation"] = method.SAVED_ATTENTION
-    elif config.get("attn_implementation") in {getattr(m, "SAVED_ATTENTION", None) for m in methods.METHODS.values()}:
+    elif config.get("attn_implementation") in {m.SAVED_ATTENTION for m in methods.METHODS.values()
+                                               if hasattr(m, "SAVED_ATTENTION")}:
         changes["attn_implementation"] = DELETE  # written by the extension this one replaces
     if "head_dim" in config and config["head_dim"] is None and config.get("num_attention_heads"):
         # transformers' yarn/dynamic read `getattr(config, "head_dim", default)`, which an explicit None defeats.

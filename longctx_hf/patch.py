@@ -81,7 +81,7 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
         raise ValueError(f"cannot rebuild {type(rotaries[0]).__name__} from its config ({err}); "
                          "this model does not follow the standard transformers RoPE layout") from err
     _check_against_formula(module, spec, fresh)
-    base_attention = self_extend_runtime.base_attention_name(config._attn_implementation)  # before any change
+    base_attention = self_extend_runtime.current_base(model)  # before any change
     runtime = _runtime_for(module.HF_ROPE_TYPE)
     if runtime is dynamic_runtime:
         dynamic_runtime.check_supported(model, fresh)
@@ -148,7 +148,7 @@ def _extend_with_attention_bias(model, module, rotaries, config, factor, target_
                                              original_max_position_embeddings=original_max_position_embeddings,
                                              options=options)
     attention.check_supported(model, config)
-    attn_name = attention.alibi_attention_name(self_extend_runtime.base_attention_name(config._attn_implementation))
+    attn_name = attention.alibi_attention_name(self_extend_runtime.current_base(model))
 
     new_config = copy.deepcopy(config)
     try:

@@ -68,11 +68,12 @@ class Reference:
         self.attention = attention
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_logits_match_the_papers_definition(kind, monkeypatch):
+@pytest.mark.parametrize("kind,block", [("llama", 48), ("mistral", 48), ("gpt_neox", 48), ("cohere", 48),
+                                        ("llama", 5)])
+def test_logits_match_the_papers_definition(kind, block, monkeypatch):
     model = extended(kind)
     ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(runtime, "QUERY_BLOCK", 48)  # several blocks, a band wider than one block
+    monkeypatch.setattr(runtime, "QUERY_BLOCK", block)  # blocks of W = 16 queries, or of 5 (< W, not dividing 200)
     with torch.no_grad():
         fast = model(ids).logits
         (live,) = runtimes(model)
@@ -107,6 +108,34 @@ def test_inside_the_window_it_is_exactly_the_unextended_model():
     sequences, logits = generate(model, ids[:, :60], new=60)
     expected_sequences, expected = generate(plain, ids[:, :60], new=60)
     assert torch.equal(sequences, expected_sequences) and torch.equal(logits, expected)
+
+
+def test_eager_models_stay_eager_and_exact():
+    plain = tiny(max_position_embeddings=256, attn_implementation="eager")
+    model = extend_context(tiny(max_position_embeddings=256, attn_implementation="eager"), "self_extend", 2,
+                           window=128, group_size=4)
+    ids = torch.randint(1, 128, (2, 128), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0  # a left-padded row
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)  # within W: eager, causal, bit for bit
+        assert torch.equal(model(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)
+        long_ids = torch.randint(1, 128, (1, 400), generator=torch.Generator().manual_seed(2))
+        sdpa = extend_context(tiny(max_position_embeddings=256), "self_extend", 2, window=128, group_size=4)
+        assert (model(long_ids).logits - sdpa(long_ids).logits).abs().max().item() <= TOL
+    extend_context(model, "self_extend", 2, window=128, group_size=4)  # re-extending keeps eager
+    assert runtime.current_base(model) == "eager"
+    extend_context(model, "yarn", 2)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_activating_twice_leaves_one_hook_and_yarn_after_it_runs():
+    model = extended()
+    runtime.activate(model)
+    runtime.activate(model)
+    extend_context(model, "yarn", 4)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))  # no stale SelfExtend hook complains
 
 
 @pytest.mark.parametrize("kind", ["llama", "cohere"])

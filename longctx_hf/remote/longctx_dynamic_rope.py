@@ -299,6 +299,7 @@ def activate(model):
     if rope_type not in DYNAMIC_ROPE_TYPES:
         raise ValueError(f"cache-exact dynamic RoPE needs rope_type in {DYNAMIC_ROPE_TYPES}, got {rope_type!r}")
     base = _base_implementation(config)
+    deactivate(model)  # activating twice must not leave a second forward hook behind
     original, interleaved = make_rotaries_identity(rotaries)
     runtime = None
     for module in model.modules():

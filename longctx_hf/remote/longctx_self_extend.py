@@ -126,12 +126,13 @@ def merge_by_lse(parts, with_lse=False):
 class SelfExtendRuntime:
     """Neighbour window + grouped attention on keys cached before rotation."""
 
-    def __init__(self, config, original_inv_freq, interleaved, base_attention):
+    def __init__(self, config, original_inv_freq, interleaved, base_attention, base_name="sdpa"):
         rope = config.rope_parameters
         self.group_size, self.window = int(rope["group_size"]), int(rope["window"])
         self.inv_freq = original_inv_freq.detach().float().clone()
         self.interleaved = interleaved
         self.base_attention = base_attention
+        self.base_name = base_name  # "sdpa" or "eager": the model's attention for inputs within the window
         self.force_math = False  # tests: the explicit path that serves GPUs and training, checked on CPU
         self._memo_key, self._memo = None, {}
 
@@ -169,6 +170,8 @@ class SelfExtendRuntime:
                                     self.interleaved)
         plain_key = shared.rotate(key, cos, sin, self.interleaved)
         if length <= self.window:  # every distance < W: the unextended model, through its own attention function
+            if self.base_name == "eager":  # the registered mask is sdpa's (bool, or None for plain causal)
+                attention_mask = _eager_mask(attention_mask, queries, length, query)
             return self.base_attention(module, plain_query, plain_key, value, attention_mask, scaling=scaling,
                                        dropout=dropout, **kwargs)
         if attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.ndim != 4
@@ -245,6 +248,16 @@ class SelfExtendRuntime:
         return output, lse
 
 
+def _eager_mask(mask, queries, length, like):
+    """sdpa's boolean mask (None: causal, queries aligned to the last keys) as the additive mask eager attention
+    takes, with the same minimum value transformers' eager mask uses (so results match it bit for bit)."""
+    if mask is None:
+        rows = torch.arange(length - queries, length, device=like.device)[:, None]
+        mask = (torch.arange(length, device=like.device)[None, :] <= rows)[None, None]
+    zero = torch.zeros((), dtype=like.dtype, device=like.device)
+    return torch.where(mask, zero, torch.finfo(like.dtype).min)
+
+
 # ------------------------------------------------------------------------------------ registration, activation
 def _dispatching_attention(module, query, key, value, attention_mask, **kwargs):
     runtime = getattr(module, RUNTIME_ATTRIBUTE, None)
@@ -263,6 +276,8 @@ def _validate_self_extend_rope_parameters(config, rope_parameters, ignore_keys=N
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"rope_parameters[{key!r}] must be a positive int for rope_type 'self_extend', got "
                              f"{value!r}")
+    if rope_parameters["group_size"] < 2:
+        raise ValueError(f"rope_parameters['group_size'] must be >= 2, got {rope_parameters['group_size']}")
     if rope_parameters["window"] >= rope_parameters["original_max_position_embeddings"]:
         raise ValueError("rope_parameters['window'] must be smaller than 'original_max_position_embeddings'")
 
@@ -275,6 +290,16 @@ def register():
     if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         AttentionInterface.register(ATTENTION_NAME, _dispatching_attention)
         AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def current_base(model):
+    """The base attention of a model: its runtime's when SelfExtend is active, else what its config names."""
+    for module in model.modules():
+        runtime = module.__dict__.get(RUNTIME_ATTRIBUTE)
+        if runtime is not None:
+            return runtime.base_name
+    config = getattr(model, "config", None)
+    return base_attention_name(getattr(config, "_attn_implementation", None))
 
 
 def base_attention_name(name):
@@ -314,15 +339,18 @@ def activate(model, base=None):
     config = rotaries[0].config
     if config.rope_parameters.get("rope_type") != ROPE_TYPE:
         raise ValueError(f"SelfExtend needs rope_type {ROPE_TYPE!r}, got {config.rope_parameters.get('rope_type')!r}")
-    base = base_attention_name(base if base is not None else config._attn_implementation)
+    base = base_attention_name(base if base is not None else current_base(model))
     check_supported(model, rotaries[0], base)
+    deactivate(model)  # activating twice must not leave a second forward hook behind
     original, interleaved = shared.make_rotaries_identity(rotaries)
     runtime = None
     for module in model.modules():
         if getattr(module, "config", None) is config and hasattr(module, "layer_idx"):
             if runtime is None:
-                runtime = SelfExtendRuntime(config, original, interleaved, shared._base_attention(base, module))
+                runtime = SelfExtendRuntime(config, original, interleaved, shared._base_attention(base, module), base)
             setattr(module, RUNTIME_ATTRIBUTE, runtime)
+    if runtime is None:
+        raise ValueError(f"{type(model).__name__}: no attention module (with layer_idx) shares the rotary config")
     config._attn_implementation_internal = ATTENTION_NAME
     model._longctx_self_extend_check = model.register_forward_pre_hook(_check_forward, with_kwargs=True)
     shared._save_remote_code_with(model, remote_files())
@@ -352,9 +380,7 @@ def deactivate(model):
     for module in model.modules():
         runtime = module.__dict__.pop(RUNTIME_ATTRIBUTE, None)
         if runtime is not None:
-            base = runtime.base_attention
-            module.config._attn_implementation_internal = "eager" if base.__name__ == "eager_attention_forward" \
-                else "sdpa"
+            module.config._attn_implementation_internal = runtime.base_name
     model.__dict__.pop("save_pretrained", None)
 
 
