@@ -15,6 +15,9 @@ Parts (each writes as it goes; run them one after another on a quiet machine):
         which scales the whole forward by its total length (longctx_hf's cache-exact dynamic_ntk computes every
         token at its own length, one attention call per token past 8192: too slow at 32k on this CPU)
         -> OUT/hf-dynamic-ntk-32768.json
+    python benchmarks/bench_self_extend_smollm2.py combine OUT RESULT_DIR [RESULT_DIR ...]
+        one results.json / results.md / ppl_vs_length.png / passkey_heatmap.png from the results.json files and
+        variant / hf_dynamic rows in the given folders (all on the same scored tokens), one run per method and factor
     python benchmarks/bench_self_extend_smollm2.py speed OUT --lengths 16384,32768 [--methods none,self_extend]
         one forward (hidden states, no cache) per method and length, each in its own process: seconds and peak
         memory above the loaded model, and the ratio to the plain model at the same length -> OUT/speed.json
@@ -107,7 +110,7 @@ def variant(args):
         extend_context(model, args.method, target_length=args.length, **options)
     suffix = "".join(f"-{'G' if name == 'group_size' else 'W'}{value}" for name, value in options.items())
     _perplexity_row(model, args.length, f"variant-{args.method}{suffix}-{args.length}.json", args.output,
-                    method=args.method, **options)
+                    method=args.method, factor=args.factor if args.factor_given else args.length / 8192, **options)
 
 
 def hf_dynamic(args):
@@ -122,6 +125,44 @@ def hf_dynamic(args):
     model = AutoModelForCausalLM.from_pretrained(smollm2_path(), config=config).eval()
     _perplexity_row(model, args.length, f"hf-dynamic-ntk-{args.length}.json", args.output,
                     method="transformers dynamic NTK (whole-forward scaling)", factor=factor)
+
+
+def combine(args):
+    from longctx_hf.evaluate import write_reports
+
+    runs, baseline, base = {}, {}, None
+    for folder in map(Path, args.inputs):
+        for path in sorted(folder.glob("*.json")):
+            data = json.loads(path.read_text())
+            if "runs" in data:  # an evaluate_model results.json
+                base = base or data
+                baseline.update({row["length"]: row for row in data.get("baseline_perplexity", [])})
+                for run in data["runs"]:
+                    merged = runs.setdefault((run["method"], run["factor"]), {**run, "perplexity": [],
+                                                                               "passkey": []})
+                    merged["perplexity"] += run.get("perplexity") or []
+                    merged["passkey"] += run.get("passkey") or []
+            elif "ppl" in data:  # a variant / hf_dynamic row
+                method = data["method"].split(" (")[0].replace("transformers dynamic NTK", "dynamic NTK (transformers)")
+                factor = data.get("factor") or data["length"] / 8192
+                if data.get("group_size"):
+                    method += f" G{data['group_size']} W{data['window']}"
+                run = runs.setdefault((method, factor), {"method": method, "factor": factor, "options": {},
+                                                         "perplexity": [], "passkey": []})
+                run["perplexity"].append({key: data[key] for key in ("length", "ppl", "tokens_scored", "seconds")})
+    for run in runs.values():
+        for row in run["perplexity"]:
+            row["baseline_ppl"] = baseline[row["length"]]["ppl"]
+        run["perplexity"].sort(key=lambda row: row["length"])
+    order = ["none", "self_extend", "yarn", "ntk", "dynamic NTK (transformers)", "pi"]
+    ranked = sorted(runs.values(), key=lambda run: (order.index(run["method"]) if run["method"] in order
+                                                   else len(order), run["method"], run["factor"] or 0))
+    results = {**base, "runs": ranked, "baseline_perplexity": [baseline[n] for n in sorted(baseline)],
+               "lengths": sorted(baseline), "plots": {}, "complete": True,
+               "combined_from": [str(folder) for folder in args.inputs]}
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    print(write_reports(results, out))
 
 
 def speed(args):
@@ -147,8 +188,9 @@ def speed(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["quality", "variant", "hf_dynamic", "speed"])
+    parser.add_argument("part", choices=["quality", "variant", "hf_dynamic", "combine", "speed"])
     parser.add_argument("output")
+    parser.add_argument("inputs", nargs="*")
     parser.add_argument("--factor", type=float, default=2.0)
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--lengths", default="16384,32768")
@@ -163,5 +205,6 @@ if __name__ == "__main__":
     if arguments.methods is None:
         arguments.methods = "none,self_extend" if arguments.part == "speed" else "self_extend,yarn"
     started = time.perf_counter()
-    {"quality": quality, "variant": variant, "hf_dynamic": hf_dynamic, "speed": speed}[arguments.part](arguments)
+    {"quality": quality, "variant": variant, "hf_dynamic": hf_dynamic, "combine": combine,
+     "speed": speed}[arguments.part](arguments)
     print(f"total {time.perf_counter() - started:.0f} s")

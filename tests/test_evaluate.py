@@ -251,3 +251,22 @@ def test_reports_from_a_cut_off_run(tmp_path):
     assert _valid_png(tmp_path / "ppl_vs_length.png") and _valid_png(tmp_path / "passkey_heatmap.png")
     assert json.loads((tmp_path / "results.json").read_text())["plots"] == {
         "ppl_vs_length": "ppl_vs_length.png", "passkey_heatmap": "passkey_heatmap.png"}
+
+
+def test_reports_from_combined_runs_with_different_passkey_cells(tmp_path):
+    """Results combined from several runs (different lengths and depths per method) mark the gaps "not run"."""
+    from longctx_hf.evaluate import write_reports
+
+    def cell(length, depth, correct):
+        return {"length": length, "depth": depth, "trials": 1, "correct": correct, "accuracy": float(correct)}
+
+    results = {"model": "m", "pretrained_length": 8192, "lengths": [16384, 32768], "depths": [0.1, 0.5, 0.9],
+               "tokens_scored": 4096, "plots": {}, "complete": True,
+               "baseline_perplexity": [{"length": 16384, "ppl": 8.1}, {"length": 32768, "ppl": 8.1}],
+               "runs": [{"method": "self_extend", "factor": 2.0, "options": {},
+                         "passkey": [cell(16384, d, 1) for d in (0.1, 0.5, 0.9)]},
+                        {"method": "self_extend", "factor": 4.0, "options": {}, "passkey": [cell(32768, 0.5, 0)]}]}
+    table = write_reports(results, tmp_path)
+    assert "| self_extend x2 | 3/3 (100%) | not run |" in table
+    assert "| self_extend x4 | not run | 0/1 (0%) |" in table
+    assert _valid_png(tmp_path / "passkey_heatmap.png")

@@ -71,19 +71,23 @@ def passkey_heatmap(results: dict, path) -> None:
     """One panel per method: depth (rows) x length (columns), colour = accuracy, cells annotated correct/trials."""
     plt = _pyplot()
     runs = [run for run in results["runs"] if run.get("passkey")]
-    lengths = sorted({cell["length"] for cell in runs[0]["passkey"]})
-    depths = sorted({cell["depth"] for cell in runs[0]["passkey"]})
+    lengths = sorted({cell["length"] for run in runs for cell in run["passkey"]})
+    depths = sorted({cell["depth"] for run in runs for cell in run["passkey"]})
     fig, axes = plt.subplots(1, len(runs), figsize=(1.5 + (1.2 + 0.9 * len(lengths)) * len(runs),
                                                     2.0 + 0.6 * len(depths)),
                              squeeze=False, sharey=True, layout="constrained")
     image = None
     for ax, run in zip(axes[0], runs):
         cells = {(c["depth"], c["length"]): c for c in run["passkey"]}
-        grid = [[cells[(d, n)]["accuracy"] for n in lengths] for d in depths]
+        # cells a run did not measure (e.g. results combined from several runs) stay blank, marked "not run"
+        grid = [[cells[(d, n)]["accuracy"] if (d, n) in cells else float("nan") for n in lengths] for d in depths]
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
         for i, d in enumerate(depths):
             for j, n in enumerate(lengths):
-                cell = cells[(d, n)]
+                cell = cells.get((d, n))
+                if cell is None:
+                    ax.text(j, i, "not run", ha="center", va="center", fontsize=8, color="grey")
+                    continue
                 dark = not 0.25 <= cell["accuracy"] <= 0.75
                 ax.text(j, i, f"{cell['correct']}/{cell['trials']}\n{cell['accuracy']:.0%}", ha="center",
                         va="center", fontsize=9, color="white" if dark else "black")

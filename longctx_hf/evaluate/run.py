@@ -264,7 +264,7 @@ def markdown_table(results: dict) -> str:
         lines.append("")
     with_passkey = [run for run in results["runs"] if run.get("passkey")]
     if with_passkey:
-        lengths = sorted({cell["length"] for cell in with_passkey[0]["passkey"]})
+        lengths = sorted({cell["length"] for run in with_passkey for cell in run["passkey"]})
         lines += [f"Passkey retrieval, correct / trials over depths {results['depths']}:", "",
                   "| method | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
         for run in with_passkey:
@@ -272,7 +272,7 @@ def markdown_table(results: dict) -> str:
             for length in lengths:
                 row = [c for c in run["passkey"] if c["length"] == length]
                 correct, trials = sum(c["correct"] for c in row), sum(c["trials"] for c in row)
-                cells.append(f"{correct}/{trials} ({100 * correct / trials:.0f}%)")
+                cells.append(f"{correct}/{trials} ({100 * correct / trials:.0f}%)" if trials else "not run")
             lines.append(f"| {_method_label(run)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
