@@ -206,14 +206,23 @@ def _pretrained_length(config) -> int:
 
 
 # ------------------------------------------------------------------------------------ registration, activation
-def _dispatching_attention(module, query, key, value, attention_mask, **kwargs):
-    runtime = getattr(module, RUNTIME_ATTRIBUTE, None)
-    if runtime is None:
-        raise RuntimeError(
-            f"{type(module).__name__}: its config selects attention {module.config._attn_implementation!r} (cache-exact "
-            "dynamic RoPE) but this model was not activated; a config copied from an extended model carries that name. "
-            "Load with longctx_hf.from_pretrained / extend_context, or set attn_implementation='sdpa'")
-    return runtime.attention(module, query, key, value, attention_mask, **kwargs)
+def dispatch_to_runtime(attribute, not_activated):
+    """An AttentionInterface function that hands each call to the runtime `activate` stored on the attention module
+    (one registered function serves every model; `not_activated` explains a model that was never activated)."""
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        runtime = getattr(module, attribute, None)
+        if runtime is None:
+            raise RuntimeError(f"{type(module).__name__}: {not_activated}")
+        return runtime.attention(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+_dispatching_attention = dispatch_to_runtime(
+    RUNTIME_ATTRIBUTE, "its config selects cache-exact dynamic RoPE attention but this model was not activated; a "
+    "config copied from an extended model carries that name. Load with longctx_hf.from_pretrained / extend_context, "
+    "or set attn_implementation='sdpa'")
 
 
 def _validate_dynamic_yarn_rope_parameters(config, rope_parameters, ignore_keys=None):

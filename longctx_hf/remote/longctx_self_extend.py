@@ -259,14 +259,10 @@ def _eager_mask(mask, queries, length, like):
 
 
 # ------------------------------------------------------------------------------------ registration, activation
-def _dispatching_attention(module, query, key, value, attention_mask, **kwargs):
-    runtime = getattr(module, RUNTIME_ATTRIBUTE, None)
-    if runtime is None:
-        raise RuntimeError(
-            f"{type(module).__name__}: this model's config selects SelfExtend attention ({ATTENTION_NAME!r}) but "
-            "SelfExtend was not activated. Load it with longctx_hf.from_pretrained(path), or with "
-            "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
-    return runtime.attention(module, query, key, value, attention_mask, **kwargs)
+_dispatching_attention = shared.dispatch_to_runtime(
+    RUNTIME_ATTRIBUTE, f"this model's config selects SelfExtend attention ({ATTENTION_NAME!r}) but SelfExtend was not "
+    "activated. Load it with longctx_hf.from_pretrained(path), or with "
+    "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
 
 
 def _validate_self_extend_rope_parameters(config, rope_parameters, ignore_keys=None):
