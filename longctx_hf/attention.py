@@ -18,7 +18,10 @@ def check_supported(model, config) -> None:
         raise ValueError(f"{type(model).__name__} is an encoder-decoder; ALiBi here supports causal decoders only")
     if not isinstance(getattr(config, "num_attention_heads", None), int):
         raise ValueError(f"{type(config).__name__} has no num_attention_heads; ALiBi needs standard attention")
-    if not type(model)._can_set_attn_implementation():
+    from . import _compat
+
+    _compat.require("PreTrainedModel._can_set_attn_implementation")
+    if not _compat.routes_attention_through_interface(type(model)):
         raise ValueError(f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
                          "so ALiBi's attention functions would never run; supported are standard decoders "
                          "(Llama, Mistral, Qwen2, ...)")

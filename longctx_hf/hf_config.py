@@ -239,16 +239,14 @@ def apply_to_dict(config: dict, changes: dict) -> dict:
 
 def apply_to_config(config, changes: dict) -> None:
     """Apply a change set to a transformers config object, so `save_pretrained` writes every portable key."""
+    from . import _compat
+
+    _compat.require(_compat.LEGACY_ROPE_SCALING)
     for key, value in changes.items():
-        if key == "rope_scaling":
-            # `rope_scaling` is a deprecated property aliasing rope_parameters in transformers 5; `to_dict`
-            # serialises the instance __dict__, so the 4.x form is stored there directly.
-            if value is DELETE:
-                config.__dict__.pop("rope_scaling", None)
-            else:
-                config.__dict__["rope_scaling"] = value
+        if key == "rope_scaling":  # the 4.x form, beside rope_parameters (see _compat)
+            _compat.set_legacy_rope_scaling(config, None if value is DELETE else value)
         elif value is DELETE:
-            config.__dict__.pop(key, None)
+            _compat.remove_config_attribute(config, key)
         else:
             setattr(config, key, value)
 

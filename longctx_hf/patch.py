@@ -11,12 +11,15 @@ import math
 
 import torch
 
-from . import hf_config, methods
+from . import _compat, hf_config, methods
 from .hf_config import ContextInfo
 from .remote import longctx_dynamic_rope as dynamic_runtime  # registers rope_type 'dynamic_yarn' on import
 from .remote import longctx_self_extend as self_extend_runtime  # registers rope_type 'self_extend' on import
 
-FORMULA_RTOL = 2e-6  # transformers computes in float32; the paper formula here in float64
+FORMULA_RTOL = 2e-6
+# from_pretrained keywords that also locate or trust the config (the rest are the model's)
+CONFIG_LOADING_KEYWORDS = ("revision", "subfolder", "token", "cache_dir", "local_files_only", "force_download",
+                           "proxies", "trust_remote_code")  # transformers computes in float32; the paper formula here in float64
 
 
 def _rotary_modules(model):
@@ -120,10 +123,20 @@ def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
     trust_remote_code=True there); this also makes dynamic_ntk / dynamic_yarn decode exactly with a KV cache, as
     the saved model did.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .remote import alibi_modeling
 
     base = self_extend_runtime.base_attention_name(kwargs.get("attn_implementation"))
-    model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+    config = kwargs.pop("config", None)
+    if config is None:
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **{
+            key: kwargs[key] for key in CONFIG_LOADING_KEYWORDS if key in kwargs})
+    if config.to_dict().get("rope_parameters", {}).get("rope_type") == alibi_modeling.ROPE_TYPE:
+        if not kwargs.get("trust_remote_code"):
+            return alibi_modeling.AlibiForCausalLM.from_pretrained(pretrained_model_name_or_path, *args,
+                                                                   config=config, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
     rotaries, config = _rotary_modules(model)
     runtime = _runtime_for(config.rope_parameters.get("rope_type"))
     if runtime is not None and runtime.is_active(model):  # trust_remote_code=True: the shipped code activated it
@@ -153,6 +166,7 @@ def _extend_with_attention_bias(model, module, rotaries, config, factor, target_
     new_config = copy.deepcopy(config)
     try:
         hf_config.apply_to_config(new_config, changes)
+        _compat.set_attention_implementation(new_config, attn_name)  # the rotary of rope_type alibi checks it
         fresh = _fresh_rotary(rotaries[0], new_config, rotaries[0].inv_freq.device)
     except Exception as err:
         raise ValueError(f"{type(config).__name__} cannot switch its rotary off through rope_type "

@@ -243,12 +243,10 @@ def _add_lora(model, opts):
 def _load_for_training(opts, model_path):
     """The extended model ready to train (float32 weights; autocast comes from accelerate), and its use_cache."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from .patch import extend_context
+    from .patch import extend_context, from_pretrained
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                 attn_implementation=opts.attn_implementation)
+    model = from_pretrained(model_path, dtype=torch.float32, attn_implementation=opts.attn_implementation)
     extend_context(model, opts.method, opts.factor, target_length=opts.target_length, **opts.method_options)
     use_cache = model.config.use_cache
     model.config.use_cache = False  # also what lets transformers read packed documents from position_ids

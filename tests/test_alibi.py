@@ -2,6 +2,7 @@
 generate, fresh-process reload (with and without trust_remote_code), refusals."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,16 +181,27 @@ assert not any(name.startswith("longctx_hf") for name in sys.modules)
 print(torch.equal(sdpa, data["logits"]), (eager - data["logits"]).abs().max().item())
 """
 
-CHILD_WITH_IMPORT = r"""
+CHILD_WITH_LONGCTX = r"""
 import sys
-import longctx_hf  # registers the rope type and the attention functions
+import longctx_hf
 import torch
 from transformers import AutoModelForCausalLM
 folder = sys.argv[1]
 data = torch.load(folder + "/expected.pt")
-model = AutoModelForCausalLM.from_pretrained(folder).eval()
+model = longctx_hf.from_pretrained(folder).eval()
 with torch.no_grad():
     print(torch.equal(model(data["ids"]).logits, data["logits"]), model.config._attn_implementation)
+# once longctx_hf has registered rope_type 'alibi', a plain load gives ALiBi (where transformers honours the saved
+# attn_implementation) or fails loudly; one naming plain attention always fails: never a model without positions
+for attention in (None, "sdpa", "eager"):
+    kwargs = {} if attention is None else {"attn_implementation": attention}
+    try:
+        plain = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except ValueError as err:
+        assert "without any position" in str(err), err
+    else:
+        assert attention is None and plain.config._attn_implementation.startswith("alibi_"), kwargs
+print("refused")
 """
 
 CHILD_PLAIN = r"""
@@ -211,8 +223,10 @@ def test_reload_in_fresh_processes(tmp_path):
     folder = tmp_path / "alibi"
     model.save_pretrained(folder)
     torch.save({"ids": ids, "logits": logits(model, ids)}, folder / "expected.pt")
-    source = (folder / "alibi_modeling.py").read_text()
-    assert "import longctx_hf" not in source and "from longctx_hf" not in source and "from ." not in source
+    for name in ("alibi_modeling.py", "longctx_compat.py"):  # one self-contained set: torch + transformers only
+        source = (folder / name).read_text()
+        assert "import longctx_hf" not in source and "from longctx_hf" not in source
+        assert set(re.findall(r"^from \.(\w*) import", source, re.M)) <= {"", "longctx_compat"}
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].startswith(
         "alibi_modeling.")
 
@@ -221,10 +235,10 @@ def test_reload_in_fresh_processes(tmp_path):
     same, eager_error = out.stdout.split()[-2:]
     assert same == "True" and float(eager_error) < 2e-5
 
-    env_code = f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n" + CHILD_WITH_IMPORT
+    env_code = f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n" + CHILD_WITH_LONGCTX
     out = run_child(env_code, str(folder), tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-2:] == ["True", "alibi_sdpa"]
+    assert out.stdout.split()[-3:] == ["True", "alibi_sdpa", "refused"]
 
     out = run_child(CHILD_PLAIN, str(folder), tmp_path)  # neither: a loud failure, never a silent RoPE model
     assert out.returncode != 0 and "alibi" in out.stderr
@@ -285,7 +299,7 @@ def test_offline_extend_writes_the_same_alibi_checkpoint(tmp_path):
     extend_checkpoint(tmp_path / "src", tmp_path / "offline", "alibi", max_length=2048)
     model = extend_context(base, "alibi", max_length=2048)
     model.save_pretrained(tmp_path / "memory")
-    for name in ("config.json", "alibi_modeling.py"):
+    for name in ("config.json", "alibi_modeling.py", "longctx_compat.py"):
         assert (tmp_path / "offline" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes(), name
     assert json.loads((tmp_path / "offline" / "config.json").read_text())["max_position_embeddings"] == 2048
 
@@ -296,15 +310,17 @@ def test_offline_extend_writes_the_same_alibi_checkpoint(tmp_path):
     assert out.stdout.split()[-2] == "True"
 
 
-def test_registration_survives_a_find_spec_probe():
-    """Libraries probe `find_spec("transformers")` before importing it; that must not use up the registration."""
-    code = ("import importlib.util, longctx_hf, sys; assert 'torch' not in sys.modules; "
-            "importlib.util.find_spec('transformers'); import transformers; "
-            "from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS; print('alibi' in ROPE_INIT_FUNCTIONS)")
+def test_importing_longctx_hf_changes_nothing_in_transformers():
+    """No import-time hooks: transformers stays as it is until the user extends or loads a model through us."""
+    code = ("import sys, longctx_hf; assert 'torch' not in sys.modules; "
+            "assert not [f for f in sys.meta_path if type(f).__module__.startswith('longctx_hf')]; "
+            "import transformers; from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS; "
+            "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS; "
+            "print(sorted({'alibi', 'dynamic_yarn', 'self_extend'} & set(ROPE_INIT_FUNCTIONS)), "
+            "[n for n in ALL_ATTENTION_FUNCTIONS.valid_keys() if 'alibi' in n or 'longctx' in n])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == "True"
-
+    assert out.stdout.split() == ["[]", "[]"]
 
 def test_alibi_replaces_a_dynamic_yarn_extension(gqa_alibi):
     """Re-extending replaces: a dynamic_yarn model (cache-exact runtime installed) turned into ALiBi equals the

@@ -128,9 +128,9 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
         raise ValueError("give text or text_file (--text), not both")
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from .. import extend_context
+    from ..patch import extend_context, from_pretrained
     from ..hf_config import pretrained_rope
     from ..real_model import resolve_model
     from .passkey import passkey_grid
@@ -159,7 +159,7 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
     output.mkdir(parents=True, exist_ok=True)
 
     def load():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), device_map=device_map).eval()
+        return from_pretrained(path, dtype=getattr(torch, dtype), device_map=device_map).eval()
 
     state = {"model": load(), "method": "none"}
 

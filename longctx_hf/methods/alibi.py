@@ -15,7 +15,7 @@ HF_ROPE_TYPE = "alibi"
 KIND = "attention_bias"  # patch.py: disable the rotary and switch attention, instead of rebuilding frequencies
 REMOTE_MODULE = "alibi_modeling"
 REMOTE_CLASS = f"{REMOTE_MODULE}.AlibiForCausalLM"
-REMOTE_FILES = (f"{REMOTE_MODULE}.py",)
+REMOTE_FILES = (f"{REMOTE_MODULE}.py", "longctx_compat.py")  # the first imports the second
 SAVED_ATTENTION = "alibi_sdpa"  # written as config.json "attn_implementation": works on every device
 
 

@@ -13,7 +13,7 @@ from .base import RopeSpec, rope_inv_freq
 NAME = "dynamic_yarn"
 ALIASES = ()
 HF_ROPE_TYPE = "dynamic_yarn"
-REMOTE_FILES = ("longctx_dynamic_rope.py",)
+REMOTE_FILES = ("longctx_dynamic_rope.py", "longctx_compat.py")  # the first imports the second
 REMOTE_CLASS = "longctx_dynamic_rope.DynamicRopeForCausalLM"
 
 

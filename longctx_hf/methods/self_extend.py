@@ -18,7 +18,8 @@ from .base import RopeSpec, rope_inv_freq
 NAME = "self_extend"
 ALIASES = ("selfextend",)
 HF_ROPE_TYPE = "self_extend"
-REMOTE_FILES = ("longctx_self_extend.py", "longctx_dynamic_rope.py")  # the first imports helpers from the second
+# each file imports the next
+REMOTE_FILES = ("longctx_self_extend.py", "longctx_dynamic_rope.py", "longctx_compat.py")
 REMOTE_CLASS = "longctx_self_extend.SelfExtendForCausalLM"
 TRAINING_FREE = True  # finetune refuses it: the explicit attention path that autograd needs is O(n^2) in memory
 SAVED_ATTENTION = "longctx_self_extend"  # a plain load without the runtime fails loudly instead of running plain RoPE

@@ -20,7 +20,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import (AttentionMaskInterface, eager_mask, flash_attention_mask,
                                         flex_attention_mask, sdpa_mask)
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RotaryEmbeddingConfigMixin
+
+from . import longctx_compat as compat
+from .longctx_compat import InternalsChanged  # noqa: F401  (this form makes transformers ship the sibling file)
 
 ROPE_TYPE = "alibi"
 # standard transformers name -> the ALiBi function registered under its own name
@@ -131,7 +133,6 @@ def alibi_sdpa_forward(module, query, key, value, attention_mask, scaling, dropo
 def alibi_flex_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """flex_attention with an ALiBi score_mod: the bias is computed per score, never materialised."""
     from torch.nn.attention.flex_attention import BlockMask
-    from transformers.integrations.flex_attention import compile_friendly_flex_attention
 
     if dropout and module.training:
         raise ValueError("alibi_flex_attention does not support attention dropout in training")
@@ -146,8 +147,8 @@ def alibi_flex_forward(module, query, key, value, attention_mask, scaling, dropo
         raise ValueError("alibi_flex_attention expects a BlockMask from transformers' flex mask function")
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    output = compile_friendly_flex_attention(query, key, value, score_mod=alibi_score, block_mask=block_mask,
-                                             scale=scaling, training=module.training)
+    output = compat.flex_attention(query, key, value, score_mod=alibi_score, block_mask=block_mask, scale=scaling,
+                                   training=module.training)
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -166,8 +167,17 @@ def alibi_fa2_forward(module, query, key, value, attention_mask, scaling, dropou
     return output, None
 
 
-def _rotary_off(config, device=None, seq_len=None):
-    """The rope type "alibi": zero frequencies, so cos = 1 and sin = 0 at every position (rotary disabled)."""
+def _rotary_off(config, device=None, seq_len=None, layer_type=None):
+    """The rope type "alibi": zero frequencies, so cos = 1 and sin = 0 at every position (rotary disabled).
+
+    Refuses a model being built with any attention but an ALiBi one: it would have no positions at all."""
+    implementation = config._attn_implementation
+    if implementation not in ATTENTION_NAMES.values():
+        raise ValueError(f"this config has rope_type 'alibi' (RoPE off, positions from ALiBi attention) but the model "
+                         f"is being built with attention {implementation!r}, which would run without any position "
+                         "information. Load it with longctx_hf.from_pretrained(path) or "
+                         "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True), and pick the attention "
+                         f"among {sorted(ATTENTION_NAMES.values())}")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rotary_dim = int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
     return torch.zeros(rotary_dim // 2, dtype=torch.float32, device=device), 1.0
@@ -196,10 +206,8 @@ def keep_alibi_on_switch(model):
 
 
 def register():
-    ROPE_INIT_FUNCTIONS[ROPE_TYPE] = _rotary_off
-    if not hasattr(RotaryEmbeddingConfigMixin, f"_validate_{ROPE_TYPE}_rope_parameters"):
-        setattr(RotaryEmbeddingConfigMixin, f"_validate_{ROPE_TYPE}_rope_parameters",
-                RotaryEmbeddingConfigMixin._validate_default_rope_parameters)
+    compat.register_rope_init(ROPE_TYPE, _rotary_off, replace=True)
+    compat.register_rope_validator(ROPE_TYPE, compat.default_rope_validator())
     for name, forward, mask in (("alibi_eager", alibi_eager_forward, eager_mask),
                                 ("alibi_sdpa", alibi_sdpa_forward, sdpa_mask),
                                 ("alibi_flex_attention", alibi_flex_forward, flex_attention_mask),
@@ -220,13 +228,14 @@ class AlibiForCausalLM:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         kwargs.pop("trust_remote_code", None)
         if config is None:
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
         kwargs["attn_implementation"] = alibi_attention_name(kwargs.get("attn_implementation")
                                                              or config._attn_implementation)
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        compat.require("models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING")
+        model_class = compat.causal_lm_class(config)
         model = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         return keep_alibi_on_switch(model)

@@ -26,15 +26,23 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RotaryEmbeddingConfigMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import longctx_compat as compat
+from .longctx_compat import InternalsChanged  # noqa: F401  (this form makes transformers ship the sibling file)
+
+COMPAT_FILE = "longctx_compat.py"
+# the internals this runtime relies on (longctx_compat.py), checked before a model is changed
+RUNTIME_CONTRACTS = ("PreTrainedConfig._attn_implementation_internal", "modeling_rope_utils.ROPE_INIT_FUNCTIONS",
+                     "RotaryEmbeddingConfigMixin._validate_<rope_type>_rope_parameters",
+                     "modeling_rope_utils.dynamic_rope_update / original_inv_freq",
+                     "cache_utils.Cache.layers / DynamicLayer", "attention modules receive the cache")
+GUARD_ATTRIBUTE = "_longctx_guard"
 DYNAMIC_ROPE_TYPES = ("dynamic", "dynamic_yarn")
 ATTENTION_PREFIX = "longctx_dynamic_rope:"
 WRAPPABLE_ATTENTION = ("sdpa", "eager")
@@ -111,7 +119,7 @@ class DynamicRopeRuntime:
     def __init__(self, config, original_inv_freq, interleaved, base_attention):
         self.config = config
         self.rope_type = config.rope_parameters["rope_type"]
-        self.init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        self.init_fn = compat.rope_init_function(self.rope_type)
         self.original_length = _pretrained_length(config)
         self.original_inv_freq = original_inv_freq.detach().float().clone()
         self.interleaved = interleaved
@@ -240,9 +248,8 @@ def _validate_dynamic_yarn_rope_parameters(config, rope_parameters, ignore_keys=
 
 def register():
     """Make rope_type 'dynamic_yarn' loadable and register the wrapped attention + mask functions (idempotent)."""
-    ROPE_INIT_FUNCTIONS.setdefault("dynamic_yarn", compute_dynamic_yarn_parameters)
-    if not hasattr(RotaryEmbeddingConfigMixin, "_validate_dynamic_yarn_rope_parameters"):
-        RotaryEmbeddingConfigMixin._validate_dynamic_yarn_rope_parameters = _validate_dynamic_yarn_rope_parameters
+    compat.register_rope_init("dynamic_yarn", compute_dynamic_yarn_parameters)
+    compat.register_rope_validator("dynamic_yarn", _validate_dynamic_yarn_rope_parameters)
     for base in WRAPPABLE_ATTENTION:
         name = ATTENTION_PREFIX + base
         if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
@@ -275,13 +282,26 @@ def _layout_is_interleaved(rotary, inv_freq) -> bool:
                      "supports the standard halves and interleaved layouts only")
 
 
+def attention_modules(model, config=None):
+    """The attention modules (they carry layer_idx; decoder layers also hold an mlp), those built from `config`
+    if given."""
+    return [m for m in model.modules()
+            if getattr(m, "config", None) is not None and (config is None or m.config is config)
+            and hasattr(m, "layer_idx") and not hasattr(m, "mlp")]
+
+
 def check_supported(model, rotary):
-    """Raise a ValueError, before anything is modified, if `activate` could not serve this model."""
+    """Raise a ValueError, before anything is modified, if `activate` could not serve this model (and
+    InternalsChanged if the installed transformers no longer provides what the runtime relies on)."""
+    compat.require(*RUNTIME_CONTRACTS)
     _base_implementation(rotary.config)
     _layout_is_interleaved(rotary, rotary.inv_freq)
-    if not any(getattr(m, "config", None) is not None and hasattr(m, "layer_idx") for m in model.modules()):
+    modules = attention_modules(model)
+    if not modules:
         raise ValueError(f"{type(model).__name__}: no attention module with layer_idx; cache-exact dynamic RoPE "
                          "does not support this architecture")
+    for cls in {type(m) for m in modules}:
+        compat.check_attention_receives_cache(cls)
 
 
 def base_attention_name(name):
@@ -307,21 +327,20 @@ def activate(model):
     rope_type = config.rope_parameters.get("rope_type")
     if rope_type not in DYNAMIC_ROPE_TYPES:
         raise ValueError(f"cache-exact dynamic RoPE needs rope_type in {DYNAMIC_ROPE_TYPES}, got {rope_type!r}")
+    check_supported(model, rotaries[0])
     base = _base_implementation(config)
-    deactivate(model)  # activating twice must not leave a second forward hook behind
+    deactivate(model)  # activating twice must not leave a second set of hooks behind
     original, interleaved = make_rotaries_identity(rotaries)
-    runtime = None
-    for module in model.modules():
-        if getattr(module, "config", None) is config and hasattr(module, "layer_idx"):
-            if runtime is None:
-                runtime = DynamicRopeRuntime(config, original, interleaved, _base_attention(base, module))
-            setattr(module, RUNTIME_ATTRIBUTE, runtime)
-    if runtime is None:
+    modules = attention_modules(model, config)
+    if not modules:
         raise ValueError(f"{type(model).__name__}: no attention module (with layer_idx) shares the rotary config")
-    config._attn_implementation_internal = ATTENTION_PREFIX + base
-    model._longctx_cache_check = model.register_forward_pre_hook(_check_forward, with_kwargs=True)
+    runtime = DynamicRopeRuntime(config, original, interleaved, _base_attention(base, modules[0]))
+    for module in modules:
+        setattr(module, RUNTIME_ATTRIBUTE, runtime)
+    compat.set_attention_implementation(config, ATTENTION_PREFIX + base)
+    guard_attention(modules, "cache-exact dynamic RoPE", lambda name: (name or "").startswith(ATTENTION_PREFIX))
     if rope_type == "dynamic_yarn":
-        _save_remote_code_with(model)
+        _save_remote_code_with(model, remote_files())
     return model
 
 
@@ -329,9 +348,9 @@ def make_rotaries_identity(rotaries):
     """Turn the model's rotary modules into the identity, so the KV cache stores keys before rotation.
 
     Returns the pretrained inverse frequencies and whether the family's cos/sin layout is interleaved."""
-    original = rotaries[0].original_inv_freq.detach().clone()
+    original = compat.pretrained_inv_freq(rotaries[0]).detach().clone()
     for rotary in rotaries:
-        rotary.rope_type = "default"  # stops transformers' dynamic_rope_update on this instance
+        compat.make_rotary_static(rotary)
         rotary.attention_scaling = 1.0
         rotary.inv_freq = original.clone().to(rotary.original_inv_freq.device)
     interleaved = _layout_is_interleaved(rotaries[0], original)
@@ -341,53 +360,57 @@ def make_rotaries_identity(rotaries):
     return original, interleaved
 
 
-def refuse_static_cache(kwargs):
-    """A static cache is a fixed-size key buffer whose last key is not the query: positions would be lost."""
-    from transformers.cache_utils import Cache, DynamicLayer
+def guard_attention(modules, runtime_name, is_ours):
+    """Forward pre-hooks on the attention modules that refuse, where attention actually runs, what would silently
+    lose positions: another attention implementation selected after activation (the rotary module is the identity),
+    or a cache that is not a DynamicCache, whatever keyword or route (generate's cache_implementation,
+    past_key_values=, cache=) brought it there."""
 
-    cache = kwargs.get("past_key_values")
-    if isinstance(cache, Cache) and not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
-        kinds = sorted({type(layer).__name__ for layer in cache.layers})
-        raise ValueError(f"this runtime (keys cached before rotation) supports DynamicCache (the default) only, got "
-                         f"layers {kinds}; do not pass cache_implementation to generate")
+    def check(module, args, kwargs):
+        implementation = module.config._attn_implementation
+        if not is_ours(implementation):
+            raise ValueError(f"attention implementation {implementation!r} was set after {runtime_name} was "
+                             "installed; it would run without positions. Call extend_context (or activate) again")
+        for cache in compat.caches_in(args, kwargs):
+            unsupported = compat.unsupported_cache_layers(cache)
+            if unsupported:
+                raise ValueError(f"{runtime_name} (keys cached before rotation) supports DynamicCache (the "
+                                 f"default) only, got a {type(cache).__name__} with layers {unsupported}; do not "
+                                 "pass cache_implementation or a static cache to generate")
+
+    for module in modules:
+        remove_guard(module)
+        module.__dict__[GUARD_ATTRIBUTE] = module.register_forward_pre_hook(check, with_kwargs=True)
+
+
+def remove_guard(module) -> bool:
+    handle = module.__dict__.pop(GUARD_ATTRIBUTE, None)
+    if handle is not None:
+        handle.remove()
+    return handle is not None
 
 
 def is_active(model) -> bool:
-    return "_longctx_cache_check" in model.__dict__
-
-
-def _check_forward(model, args, kwargs):
-    """Refuse what would silently lose positions: another attention implementation set after activation (the
-    rotary module is the identity), or a static cache (a fixed-size key buffer whose last key is not the query)."""
-    implementation = _rotary_modules(model)[0].config._attn_implementation or ""
-    if not implementation.startswith(ATTENTION_PREFIX):
-        raise ValueError(f"attention implementation {implementation!r} was set after cache-exact dynamic RoPE was "
-                         "installed; it would run without positions. Call extend_context (or activate) again")
-    refuse_static_cache(kwargs)
+    return any(RUNTIME_ATTRIBUTE in module.__dict__ for module in model.modules())
 
 
 def deactivate(model):
     """Undo `activate` on the attention side (the caller rebuilds the rotary module)."""
-    handle = model.__dict__.pop("_longctx_cache_check", None)
-    if handle is not None:
-        handle.remove()
     config = getattr(model, "config", None)
     for module in model.modules():
-        if hasattr(module, RUNTIME_ATTRIBUTE):
+        if RUNTIME_ATTRIBUTE in module.__dict__:
             delattr(module, RUNTIME_ATTRIBUTE)
+            remove_guard(module)
             config = module.config
     implementation = getattr(config, "_attn_implementation", None) or ""
     if implementation.startswith(ATTENTION_PREFIX):
-        config._attn_implementation_internal = implementation[len(ATTENTION_PREFIX):]
+        compat.set_attention_implementation(config, implementation[len(ATTENTION_PREFIX):])
     model.__dict__.pop("save_pretrained", None)
 
 
 def _base_attention(base, attention_module):
     if base == "eager":  # each family keeps its own eager function beside its attention class
-        eager = getattr(sys.modules[type(attention_module).__module__], "eager_attention_forward", None)
-        if eager is None:
-            raise ValueError(f"{type(attention_module).__name__}: no eager_attention_forward to wrap; use sdpa")
-        return eager
+        return compat.eager_attention_for(type(attention_module))
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
@@ -397,16 +420,22 @@ def source() -> str:
         return f.read()
 
 
-def write_remote_code(save_directory, files=None):
-    """Write `files` ({name: source}, default: this file) beside config.json, each atomically (temp + rename)."""
-    for name, text in (files or {REMOTE_FILE: source()}).items():
+def remote_files() -> dict:
+    """This file and the compatibility layer it imports, as written beside config.json."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), COMPAT_FILE), encoding="utf-8") as f:
+        return {REMOTE_FILE: source(), COMPAT_FILE: f.read()}
+
+
+def write_remote_code(save_directory, files):
+    """Write `files` ({name: source}) beside config.json, each atomically (temp + rename)."""
+    for name, text in files.items():
         handle, temporary = tempfile.mkstemp(dir=save_directory, prefix=".tmp-", suffix=".py")
         with os.fdopen(handle, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(temporary, os.path.join(save_directory, name))
 
 
-def _save_remote_code_with(model, files=None):
+def _save_remote_code_with(model, files):
     """Make this model's save_pretrained also write the remote code its config's auto_map points to."""
     cls_save = type(model).save_pretrained
 
@@ -437,12 +466,12 @@ class DynamicRopeForCausalLM:
 def load_native_causal_lm(pretrained_model_name_or_path, *args, config=None, **kwargs):
     """The transformers class the config's model_type names, loaded without remote code."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    compat.require("models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING")
     kwargs.pop("trust_remote_code", None)
     if config is None:
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model_class = compat.causal_lm_class(config)
     return model_class.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 
 

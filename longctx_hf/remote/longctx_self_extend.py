@@ -30,11 +30,12 @@ import math
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RotaryEmbeddingConfigMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import longctx_compat as compat
 from . import longctx_dynamic_rope as shared
-from .longctx_dynamic_rope import REMOTE_FILE as SHARED_FILE  # this form makes transformers ship the sibling file
+from .longctx_compat import InternalsChanged  # noqa: F401  (this form makes transformers ship the sibling files)
+from .longctx_dynamic_rope import REMOTE_FILE as SHARED_FILE  # noqa: F401
 
 ROPE_TYPE = "self_extend"
 ATTENTION_NAME = "longctx_self_extend"
@@ -56,14 +57,13 @@ def compute_self_extend_parameters(config, device=None, seq_len=None, layer_type
 
 
 # --------------------------------------------------------------------------- attention with its log-sum-exp
-def _attend_flash_cpu(query, key, value, mask, scale, dropout, causal):
+def _attend_flash_cpu(kernel, query, key, value, mask, scale, dropout, causal):
     """PyTorch's CPU flash kernel (tiles internally, O(n) memory; GQA and broadcast masks supported).
     Its log-sum-exp carries no gradient, so it serves forwards without autograd only."""
     additive = None
     if mask is not None:
         additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, -math.inf)
-    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, dropout, causal, attn_mask=additive, scale=scale)
+    output, lse = kernel(query, key, value, dropout, causal, attn_mask=additive, scale=scale)
     return output, lse
 
 
@@ -102,8 +102,9 @@ def attend_with_lse(query, key, value, mask, scale, dropout=0.0, force_math=Fals
     if causal:
         assert mask is None and query.shape[-2] == key.shape[-2]
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if query.device.type == "cpu" and not training and not force_math and key.shape[-2] > 0:
-        output, lse = _attend_flash_cpu(query, key, value, mask, scale, dropout, causal)
+    kernel = compat.flash_attention_cpu_with_lse() if query.device.type == "cpu" else None
+    if kernel is not None and not training and not force_math and key.shape[-2] > 0:
+        output, lse = _attend_flash_cpu(kernel, query, key, value, mask, scale, dropout, causal)
         if mask is not None:  # the kernel reports log-sum-exp 0 for a fully masked row
             lse = lse.masked_fill(~mask.any(dim=-1), -math.inf)
         return output, lse.float()
@@ -120,6 +121,16 @@ def merge_by_lse(parts, with_lse=False):
     norm = weights.sum(dim=0)
     output = total / norm.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
     return (output, top + torch.log(norm)) if with_lse else output
+
+
+def _refuse_packed_positions(position_ids):
+    """Grouped distances depend on absolute positions, which are derived from each row's last position: documents
+    packed into one row (positions that restart after counting up) would silently get others' positions. Left
+    padding (pads at one constant position, as generate writes them) is fine."""
+    steps = position_ids.diff(dim=-1)
+    if steps.shape[-1] > 1 and bool(((steps[..., 1:] < 0) & (steps[..., :-1] > 0)).any()):
+        raise ValueError("SelfExtend needs consecutive positions in each row; these position_ids restart, as in "
+                         "packed sequences, which SelfExtend does not support: pass one document per row")
 
 
 # ------------------------------------------------------------------------------------------------ the runtime
@@ -144,6 +155,7 @@ class SelfExtendRuntime:
     def _tables(self, position_ids, length, queries, batch, dtype):
         """Neighbour and grouped cos/sin for the keys and queries; computed once per forward, shared by layers."""
         if self._memo_key is not position_ids:
+            _refuse_packed_positions(position_ids)
             self._memo_key, self._memo = position_ids, {}
         memo_key = (batch, length, queries, dtype)
         if memo_key not in self._memo:
@@ -280,9 +292,8 @@ def _validate_self_extend_rope_parameters(config, rope_parameters, ignore_keys=N
 
 def register():
     """Make rope_type 'self_extend' loadable and register the attention + mask functions (idempotent)."""
-    ROPE_INIT_FUNCTIONS.setdefault(ROPE_TYPE, compute_self_extend_parameters)
-    if not hasattr(RotaryEmbeddingConfigMixin, "_validate_self_extend_rope_parameters"):
-        RotaryEmbeddingConfigMixin._validate_self_extend_rope_parameters = _validate_self_extend_rope_parameters
+    compat.register_rope_init(ROPE_TYPE, compute_self_extend_parameters)
+    compat.register_rope_validator(ROPE_TYPE, _validate_self_extend_rope_parameters)
     if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         AttentionInterface.register(ATTENTION_NAME, _dispatching_attention)
         AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
@@ -305,7 +316,9 @@ def base_attention_name(name):
 
 
 def check_supported(model, rotary, base=None):
-    """Raise a ValueError, before anything is modified, if `activate` could not serve this model."""
+    """Raise a ValueError, before anything is modified, if `activate` could not serve this model (and
+    InternalsChanged if the installed transformers no longer provides what the runtime relies on)."""
+    compat.require(*shared.RUNTIME_CONTRACTS)
     base = base_attention_name(base if base is not None else rotary.config._attn_implementation)
     if base not in shared.WRAPPABLE_ATTENTION:
         raise ValueError(f"SelfExtend computes its own attention and wraps {shared.WRAPPABLE_ATTENTION} for short "
@@ -315,14 +328,15 @@ def check_supported(model, rotary, base=None):
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"{type(model).__name__} uses attn_logit_softcapping={config.attn_logit_softcapping}, which "
                          "SelfExtend's attention does not implement; refusing rather than computing another model")
-    attention_modules = [m for m in model.modules() if getattr(m, "config", None) is not None
-                         and hasattr(m, "layer_idx") and not hasattr(m, "mlp")]
+    attention_modules = shared.attention_modules(model)
     if not attention_modules:
         raise ValueError(f"{type(model).__name__}: no attention module with layer_idx; SelfExtend does not support "
                          "this architecture")
     if any(hasattr(m, "sinks") for m in attention_modules):
         raise ValueError(f"{type(model).__name__} uses attention sinks, which SelfExtend's attention does not "
                          "implement")
+    for cls in {type(m) for m in attention_modules}:
+        compat.check_attention_receives_cache(cls)
 
 
 def activate(model, base=None):
@@ -337,54 +351,42 @@ def activate(model, base=None):
         raise ValueError(f"SelfExtend needs rope_type {ROPE_TYPE!r}, got {config.rope_parameters.get('rope_type')!r}")
     base = base_attention_name(base if base is not None else current_base(model))
     check_supported(model, rotaries[0], base)
-    deactivate(model)  # activating twice must not leave a second forward hook behind
+    deactivate(model)  # activating twice must not leave a second set of hooks behind
     original, interleaved = shared.make_rotaries_identity(rotaries)
-    runtime = None
-    for module in model.modules():
-        if getattr(module, "config", None) is config and hasattr(module, "layer_idx"):
-            if runtime is None:
-                runtime = SelfExtendRuntime(config, original, interleaved, shared._base_attention(base, module), base)
-            setattr(module, RUNTIME_ATTRIBUTE, runtime)
-    if runtime is None:
+    modules = shared.attention_modules(model, config)
+    if not modules:
         raise ValueError(f"{type(model).__name__}: no attention module (with layer_idx) shares the rotary config")
-    config._attn_implementation_internal = ATTENTION_NAME
-    model._longctx_self_extend_check = model.register_forward_pre_hook(_check_forward, with_kwargs=True)
+    runtime = SelfExtendRuntime(config, original, interleaved, shared._base_attention(base, modules[0]), base)
+    for module in modules:
+        setattr(module, RUNTIME_ATTRIBUTE, runtime)
+    compat.set_attention_implementation(config, ATTENTION_NAME)
+    shared.guard_attention(modules, "SelfExtend", lambda name: name == ATTENTION_NAME)
     shared._save_remote_code_with(model, remote_files())
     return model
 
 
 def is_active(model) -> bool:
-    return "_longctx_self_extend_check" in model.__dict__
-
-
-def _check_forward(model, args, kwargs):
-    """Refuse what would silently lose positions: another attention implementation set after activation (the
-    rotary module is the identity), or a static cache."""
-    implementation = shared._rotary_modules(model)[0].config._attn_implementation
-    if implementation != ATTENTION_NAME:
-        raise ValueError(f"attention implementation {implementation!r} was set after SelfExtend was installed; it "
-                         "would run without positions. Call extend_context (or activate) again")
-    shared.refuse_static_cache(kwargs)
+    return any(RUNTIME_ATTRIBUTE in module.__dict__ for module in model.modules())
 
 
 def deactivate(model):
     """Undo `activate` on the attention side (the caller rebuilds the rotary module)."""
-    handle = model.__dict__.pop("_longctx_self_extend_check", None)
-    if handle is None:
-        return
-    handle.remove()
+    active = False
     for module in model.modules():
         runtime = module.__dict__.pop(RUNTIME_ATTRIBUTE, None)
         if runtime is not None:
-            module.config._attn_implementation_internal = runtime.base_name
-    model.__dict__.pop("save_pretrained", None)
+            active = True
+            shared.remove_guard(module)
+            compat.set_attention_implementation(module.config, runtime.base_name)
+    if active:
+        model.__dict__.pop("save_pretrained", None)
 
 
 def remote_files() -> dict:
-    """This file and its sibling, as written beside config.json."""
+    """This file and its siblings, as written beside config.json."""
     with open(__file__, encoding="utf-8") as f:
         own = f.read()
-    return {REMOTE_FILE: own, SHARED_FILE: shared.source()}
+    return {REMOTE_FILE: own, **shared.remote_files()}
 
 
 class SelfExtendForCausalLM(shared.DynamicRopeForCausalLM):
