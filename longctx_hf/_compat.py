@@ -47,3 +47,24 @@ def set_legacy_rope_scaling(config, value) -> None:
 def remove_config_attribute(config, key: str) -> None:
     """Drop a plain attribute from a config so to_dict()/save_pretrained no longer write it."""
     config.__dict__.pop(key, None)
+
+
+# transformers 5.x renamed gradient checkpointing to activation checkpointing (old names deprecated, removal in v6)
+def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
+def disable_activation_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def activation_checkpointing_enabled(model) -> bool:
+    if "is_activation_checkpointing" in dir(type(model)):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)

@@ -77,6 +77,8 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
         hf_config.apply_to_config(new_config, changes)
     except Exception as err:  # e.g. Phi3Config only admits rope_type 'longrope'
         raise ValueError(f"{type(config).__name__} rejects rope_type {module.HF_ROPE_TYPE!r}: {err}") from err
+    if module.HF_ROPE_TYPE == self_extend_runtime.ROPE_TYPE:  # its rotary is built for SelfExtend attention only
+        _compat.set_attention_implementation(new_config, self_extend_runtime.ATTENTION_NAME)
     device = rotaries[0].inv_freq.device
     try:
         fresh = _fresh_rotary(rotaries[0], new_config, device)
@@ -132,10 +134,13 @@ def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
     if config is None:
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **{
             key: kwargs[key] for key in CONFIG_LOADING_KEYWORDS if key in kwargs})
-    if config.to_dict().get("rope_parameters", {}).get("rope_type") == alibi_modeling.ROPE_TYPE:
-        if not kwargs.get("trust_remote_code"):
-            return alibi_modeling.AlibiForCausalLM.from_pretrained(pretrained_model_name_or_path, *args,
-                                                                   config=config, **kwargs)
+    # rope types whose rotary is built for one attention only: their loader names it (transformers releases
+    # differ on whether they honour the attn_implementation saved in config.json)
+    loaders = {alibi_modeling.ROPE_TYPE: alibi_modeling.AlibiForCausalLM,
+               self_extend_runtime.ROPE_TYPE: self_extend_runtime.SelfExtendForCausalLM}
+    loader = loaders.get(config.to_dict().get("rope_parameters", {}).get("rope_type"))
+    if loader is not None and not kwargs.get("trust_remote_code"):
+        return loader.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
     rotaries, config = _rotary_modules(model)
     runtime = _runtime_for(config.rope_parameters.get("rope_type"))

@@ -244,6 +244,7 @@ def _load_for_training(opts, model_path):
     """The extended model ready to train (float32 weights; autocast comes from accelerate), and its use_cache."""
     import torch
 
+    from . import _compat
     from .patch import extend_context, from_pretrained
 
     model = from_pretrained(model_path, dtype=torch.float32, attn_implementation=opts.attn_implementation)
@@ -251,7 +252,7 @@ def _load_for_training(opts, model_path):
     use_cache = model.config.use_cache
     model.config.use_cache = False  # also what lets transformers read packed documents from position_ids
     if opts.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _compat.enable_activation_checkpointing(model, use_reentrant=False)
     if opts.lora:
         model = _add_lora(model, opts)
     model.train()
@@ -388,6 +389,8 @@ def _save_checkpoint(accelerator, state, folder: Path):
 
 def _save_final(accelerator, model, tokenizer, state, opts, use_cache):
     """One HF checkpoint, written by the main process into a staging folder and then moved into place."""
+    from . import _compat
+
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if opts.lora:
@@ -398,7 +401,7 @@ def _save_final(accelerator, model, tokenizer, state, opts, use_cache):
         state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards on the main process
     unwrapped.config.use_cache = use_cache
     if opts.gradient_checkpointing:
-        unwrapped.gradient_checkpointing_disable()
+        _compat.disable_activation_checkpointing(unwrapped)
     unwrapped.eval()
     output = Path(opts.output_dir)
     staging = output / ".staging-final"

@@ -94,7 +94,9 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._send(409, {"error": "You already created this model repo",
                                             "url": f"{self.hub.endpoint}/{repo_id}"})
                 self.hub.repos[repo_id] = {"files": {}, "sha": uuid.uuid4().hex + "0" * 8,
-                                           "private": request.get("visibility") == "private"}
+                                           # huggingface_hub >= 2 sends "visibility", 1.x "private"
+                                           "private": request.get("visibility") == "private"
+                                           or request.get("private") is True}
             return self._send(200, {"url": f"{self.hub.endpoint}/{repo_id}", "name": repo_id})
         if path == "/api/validate-yaml":
             return self._send(200, {})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -75,8 +76,11 @@ def test_rotary_dim_of_matches_transformers_for_every_architecture(tmp_path):
         config = json.loads((tmp_path / kind / "config.json").read_text())
         rotary = [m for m in model.modules() if hasattr(m, "inv_freq")][0]
         assert rotary_dim_of(config) == 2 * rotary.inv_freq.numel(), kind
+    from transformers import CONFIG_MAPPING
+
     for kind, partial in PARTIAL_ROTARY_DEFAULTS.items():  # the table equals the config classes' defaults
-        assert AutoConfig.for_model(kind).rope_parameters["partial_rotary_factor"] == partial, kind
+        if kind in CONFIG_MAPPING:  # (model types newer than the installed transformers cannot be checked here)
+            assert AutoConfig.for_model(kind).rope_parameters["partial_rotary_factor"] == partial, kind
 
 
 def test_rotary_dim_of_reads_transformers_4_config_forms():
@@ -88,7 +92,8 @@ def test_rotary_dim_of_reads_transformers_4_config_forms():
               {"model_type": "stablelm", "hidden_size": 64, "num_attention_heads": 4, "rope_theta": 10000.0}]
     for config in legacy:
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**config, "num_hidden_layers": 1,
-                                                                         "intermediate_size": 64, "vocab_size": 32}))
+                                                                         "intermediate_size": 64, "vocab_size": 32,
+                                                                         "pad_token_id": None}))
         rotary = [m for m in model.modules() if hasattr(m, "inv_freq")][0]
         assert rotary_dim_of(config) == 2 * rotary.inv_freq.numel(), config["model_type"]
 
@@ -118,6 +123,17 @@ def as_transformers_4_dict(config):
     return {**data, "rope_theta": config.rope_parameters["rope_theta"]}
 
 
+# model type -> the first transformers release whose rotary class applies the config's partial_rotary_factor
+IGNORED_PARTIAL_ROTARY_BEFORE = {"bamba": "5.15.0"}
+
+
+def _installed_before(version):
+    def parts(v):
+        return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in v.split(".")[:3])
+
+    return parts(transformers.__version__) < parts(version)
+
+
 def test_rotary_dim_of_is_right_or_refuses_for_every_transformers_model_type():
     """Every RoPE config class in transformers: the default config and one with twice the head size."""
     from transformers import CONFIG_MAPPING
@@ -133,7 +149,7 @@ def test_rotary_dim_of_is_right_or_refuses_for_every_transformers_model_type():
         rope = getattr(configs[0], "rope_parameters", None)
         if not isinstance(rope, dict) or "rope_theta" not in rope:
             continue  # no RoPE, or one per layer type (gemma3-style): never head_dim-only
-        if kind not in HEAD_DIM_ROTARY_MODELS:
+        if configs[0].model_type not in HEAD_DIM_ROTARY_MODELS:  # (aliases such as code_llama build a llama)
             with pytest.raises(ValueError, match="cannot determine the rotary dimension of model_type"):
                 rotary_dim_of(as_transformers_4_dict(configs[0]))
             continue
@@ -142,9 +158,16 @@ def test_rotary_dim_of_is_right_or_refuses_for_every_transformers_model_type():
         configs.append(CONFIG_MAPPING[kind](hidden_size=2 * configs[0].hidden_size, **head_dims))
         dims = [transformers_rotary_dim(config) for config in configs]
         assert dims[0] != dims[1], kind
-        assert [rotary_dim_of(as_transformers_4_dict(config)) for config in configs] == dims, kind
+        ours = [rotary_dim_of(as_transformers_4_dict(config)) for config in configs]
+        if kind in IGNORED_PARTIAL_ROTARY_BEFORE and _installed_before(IGNORED_PARTIAL_ROTARY_BEFORE[kind]):
+            # that release's rotary class ignores its own config's partial_rotary_factor (fixed upstream later)
+            factor = configs[0].rope_parameters["partial_rotary_factor"]
+            assert ours == [int(d * factor) for d in dims], kind
+        else:
+            assert ours == dims, kind
         checked.add(kind)
-    assert HEAD_DIM_ROTARY_MODELS <= checked | set(ARCHITECTURES), HEAD_DIM_ROTARY_MODELS - checked - set(ARCHITECTURES)
+    known = HEAD_DIM_ROTARY_MODELS & set(CONFIG_MAPPING.keys())  # the table also covers newer model types
+    assert known <= checked | set(ARCHITECTURES), known - checked - set(ARCHITECTURES)
     assert set(ARCHITECTURES) <= HEAD_DIM_ROTARY_MODELS
     for config in ({"model_type": "deepseek_v3", "qk_rope_head_dim": 64, "head_dim": 64},
                    {"model_type": "llama", "rotary_dim": 64, "head_dim": 128}):
@@ -458,7 +481,12 @@ def test_real_smollm2_offline_equals_in_memory(tmp_path):
     assert out.returncode == 0, out.stderr
     model = extend_context(AutoModelForCausalLM.from_pretrained(src).eval(), "yarn", 2)
     model.save_pretrained(tmp_path / "in-memory")
-    assert (tmp_path / "offline/config.json").read_bytes() == (tmp_path / "in-memory/config.json").read_bytes()
+    # the rewriter (which never imports transformers) keeps the source's transformers_version, save_pretrained
+    # stamps the running one: they differ when the cached conversion was made by another release
+    source_version = json.loads((Path(src) / "config.json").read_text())["transformers_version"]
+    in_memory = (tmp_path / "in-memory/config.json").read_text().replace(
+        f'"transformers_version": "{transformers.__version__}"', f'"transformers_version": "{source_version}"')
+    assert (tmp_path / "offline/config.json").read_text() == in_memory
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (tmp_path / "offline" / name).read_bytes() == (Path(src) / name).read_bytes(), name
     ids = torch.randint(0, model.config.vocab_size, (1, 64))

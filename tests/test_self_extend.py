@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longctx_hf import extend_context, methods
+from longctx_hf import extend_context, from_pretrained, methods
 from longctx_hf.checkpoint import extend_checkpoint
 from longctx_hf.methods import self_extend
 from longctx_hf.remote import longctx_self_extend as runtime
@@ -330,3 +330,14 @@ def test_a_saved_config_with_bad_values_fails_on_load(tmp_path):
 def test_listed_as_a_method():
     assert methods.get_method("selfextend") is self_extend
     assert "group_size" in self_extend.Spec.option_names() and "window" in self_extend.Spec.option_names()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_plain_load_naming_another_attention_fails_loudly(tmp_path, attention):
+    """In a process where SelfExtend is registered, a plain load that names sdpa/eager would run plain RoPE."""
+    from transformers import AutoModelForCausalLM
+
+    extended().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="silently run plain RoPE"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=attention)
+    assert runtime.is_active(from_pretrained(tmp_path, attn_implementation=attention))

@@ -47,7 +47,14 @@ MATH_BLOCK_ELEMENTS = 1 << 26  # the explicit (math) path keeps batch x heads x 
 
 def compute_self_extend_parameters(config, device=None, seq_len=None, layer_type=None):
     """Plain RoPE frequencies, computed exactly as transformers' default rope does (same float32 bits):
-    SelfExtend changes which positions meet, not the frequencies."""
+    SelfExtend changes which positions meet, not the frequencies.
+
+    Refuses a model being built with another attention: it would silently run plain RoPE past the window."""
+    if config._attn_implementation != ATTENTION_NAME:
+        raise ValueError(f"this config has rope_type {ROPE_TYPE!r}, which needs SelfExtend's attention, but the model "
+                         f"is being built with attention {config._attn_implementation!r}, which would silently run "
+                         "plain RoPE. Load it with longctx_hf.from_pretrained(path) or "
+                         "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
     config.standardize_rope_params()
     rope = config.rope_parameters
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
