@@ -115,7 +115,7 @@ def test_a_newer_transformers_is_served_while_its_contracts_hold(monkeypatch, fr
 def test_self_extend_without_the_cpu_flash_kernel_takes_its_explicit_path(monkeypatch, fresh_contracts):
     ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(3))
     model = extend_context(tiny_model("llama", max_position_embeddings=64), "self_extend", 4, window=16,
-                           group_size=5)
+                           group_size=6)
     with torch.no_grad():
         with_kernel = model(ids).logits
     calls = []
@@ -185,7 +185,7 @@ def test_an_attention_switch_is_refused_inside_the_model_too(method):
 
 def test_self_extend_refuses_packed_sequences():
     model = extend_context(tiny_model("llama", max_position_embeddings=64), "self_extend", 4, window=16,
-                           group_size=5)
+                           group_size=6)
     ids = torch.randint(0, 128, (1, 120))
     packed = torch.cat([torch.arange(60), torch.arange(60)])[None]
     with pytest.raises(ValueError, match="packed"):

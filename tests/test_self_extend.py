@@ -1,7 +1,8 @@
 """SelfExtend: the paper's definition (checked against an O(n^2) reference written from it), the unextended model
 inside the window, cache-exact decoding, padding, refusals, and reloading in fresh processes.
 
-Tiny models pretrained to L = 64 tokens, neighbour window W = 16, group size G = 5: reach (64 - 16) * 5 + 16 = 256.
+Tiny models pretrained to L = 64 tokens, neighbour window W = 16, group size G = 6 (not dividing W): reach
+G * (L - W + W // G) = 300 tokens.
 """
 import json
 import sysconfig
@@ -17,7 +18,7 @@ from longctx_hf.remote import longctx_self_extend as runtime
 from models import tiny_model
 from test_dynamic_cache import REPO, generate, recompute, run
 
-L, W, G = 64, 16, 5
+L, W, G = 64, 16, 6
 TOL = 1e-5
 # llama: halves; mistral (no sliding window); gpt_neox: partial rotary (25%); cohere: interleaved pairs
 KINDS = ["llama", "mistral", "gpt_neox", "cohere"]
@@ -95,7 +96,11 @@ def test_grouped_distances_stay_inside_the_pretrained_range():
     spec = self_extend.Spec(factor=4, rope_theta=1e4, rotary_dim=16, original_max_position_embeddings=L,
                             window=W, group_size=G)
     n = spec.extended_length
-    assert max(self_extend.grouped_distance(i, 0, G, W) for i in range(n)) <= L
+    assert max(self_extend.grouped_distance(i, 0, G, W) for i in range(n)) <= L - 1  # trained: 0 .. L - 1
+    for group_size, window in ((5, 16), (6, 16), (4, 16), (3, 10)):  # the reach is exact, dividing or not
+        n = self_extend.reach(L, group_size, window)
+        assert self_extend.grouped_distance(n - 1, 0, group_size, window) == L - 1
+        assert self_extend.grouped_distance(n, 0, group_size, window) == L
     assert all(self_extend.grouped_distance(i, j, G, W) == i - j for i in range(n) for j in range(max(0, i - W + 1), i))
 
 
@@ -174,14 +179,15 @@ def test_left_padded_batch_each_row_equals_its_own_recompute():
 
 def test_default_group_size_and_window_follow_the_documented_rule():
     spec = self_extend.Spec(factor=2, rope_theta=1e5, rotary_dim=64, original_max_position_embeddings=8192)
-    assert (spec.window, spec.group_size) == (2048, 3)  # W = L // 4; smallest G with (L - W) G + W >= 16384
+    assert (spec.window, spec.group_size) == (2048, 3)  # W = L // 4; smallest G with G (L - W + W // G) >= 16384
     assert self_extend.reach(8192, 3, 2048) >= 16384 > self_extend.reach(8192, 2, 2048)
     spec = self_extend.Spec(factor=4, rope_theta=1e5, rotary_dim=64, original_max_position_embeddings=8192,
                             window=1024)
     assert spec.group_size == 5 and self_extend.reach(8192, 5, 1024) >= 32768 > self_extend.reach(8192, 4, 1024)
     model = extend_context(tiny(), "self_extend", target_length=256)
     record = model.config.to_dict()["longctx_hf"]
-    assert record["options"] == {"group_size": 5, "window": 16} and model.config.max_position_embeddings == 256
+    # 5 * (64 - 16 + 3) = 255 < 256 (the paper's (L - W) * G + W = 256 counts one untrained distance)
+    assert record["options"] == {"group_size": 6, "window": 16} and model.config.max_position_embeddings == 256
 
 
 @pytest.mark.parametrize("options,error,match", [

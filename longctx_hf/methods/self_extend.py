@@ -2,10 +2,11 @@
 
 RoPE itself is unchanged. For query i and key j <= i the logit uses RoPE at distance i - j inside a neighbour
 window (i - j < W) and, farther away, the grouped distance floor(i/G) - floor(j/G) + (W - floor(W/G)), so every
-distance the model sees stays inside its pretrained range. Reach: (L - W) * G + W tokens.
+distance the model sees stays inside its pretrained range. Reach: G * (L - W + floor(W/G)) tokens (the paper's
+(L - W) * G + W when G divides W).
 
 Default choice when only factor / target length is given: W = L // 4 (the paper's windows are 1/4 to 1/2 of L),
-then the smallest G >= 2 with (L - W) * G + W >= target. The attention that runs is
+then the smallest G >= 2 whose reach covers the target. The attention that runs is
 `longctx_hf/remote/longctx_self_extend.py`, copied into saved checkpoints (it needs no longctx_hf).
 """
 from __future__ import annotations
@@ -26,8 +27,12 @@ SAVED_ATTENTION = "longctx_self_extend"  # a plain load without the runtime fail
 
 
 def reach(pretrained_length: int, group_size: int, window: int) -> int:
-    """The longest sequence whose grouped distances stay inside the pretrained range: (L - W) * G + W."""
-    return (pretrained_length - window) * group_size + window
+    """The longest sequence whose every distance stays inside the trained range 0..L-1: G * (L - W + floor(W/G)).
+
+    The largest distance in n tokens is floor((n-1)/G) + W - floor(W/G) (last query, first key); it is <= L - 1
+    exactly while n <= G * (L - W + floor(W/G)). The paper's (L - W) * G + W is this when G divides W, and one
+    group more (reaching distance L, never trained) when it does not."""
+    return group_size * (pretrained_length - window + window // group_size)
 
 
 def default_window(pretrained_length: int) -> int:
@@ -36,7 +41,10 @@ def default_window(pretrained_length: int) -> int:
 
 def default_group_size(pretrained_length: int, window: int, target_length: int) -> int:
     """The smallest group size >= 2 whose reach covers `target_length`."""
-    return max(2, math.ceil((target_length - window) / (pretrained_length - window)))
+    group_size = max(2, math.ceil((target_length - window) / (pretrained_length - window)))
+    while reach(pretrained_length, group_size, window) < target_length:
+        group_size += 1
+    return group_size
 
 
 def _check_int(name, value, lowest):
@@ -66,7 +74,7 @@ class Spec(RopeSpec):
         covered = reach(L, self.group_size, self.window)
         if covered < self.extended_length:
             raise ValueError(
-                f"group_size={self.group_size} and window={self.window} reach (L - W) * G + W = {covered} tokens, "
+                f"group_size={self.group_size} and window={self.window} reach G * (L - W + W // G) = {covered} tokens, "
                 f"less than the target {self.extended_length} (L = {L}); raise group_size or lower window")
 
     def options(self) -> dict:
