@@ -297,3 +297,43 @@ def test_a_saved_dynamic_yarn_config_with_bad_values_fails_on_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(Exception, match=r"'beta_fast'\] must be a positive number"):
         AutoConfig.from_pretrained(tmp_path)
+
+
+def _paper_frequencies(method, theta, d, n, s=4.0):
+    """Frequencies and attention scaling at length n from the papers (not the package): dynamic NTK grows the base,
+    dynamic YaRN is YaRN with s = n / L; both are plain RoPE up to L."""
+    from test_methods import paper_inv_freq, paper_yarn
+
+    if n <= L:
+        return paper_inv_freq(theta, d), 1.0
+    if method == "dynamic_ntk":
+        return paper_inv_freq(theta * ((s * n / L) - (s - 1)) ** (d / (d - 2)), d), 1.0
+    return paper_yarn(theta, d, L, n / L)
+
+
+@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox", "cohere"])
+def test_one_layer_model_equals_an_independent_token_by_token_reference(kind, method):
+    """In a one-layer model token t's logits depend only on its own query and the keys: the definition ("token t
+    attends with the frequencies of length t + 1") is then a plain transformers forward of the first t + 1 tokens
+    whose rotary holds the papers' frequencies for that length. Checked for every token of a prompt past 3 L."""
+    base = tiny_model(kind, num_hidden_layers=1, max_position_embeddings=L)
+    ours = extend_context(copy.deepcopy(base), method, 4)
+    ids = torch.randint(0, 128, (1, 3 * L + 10), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = ours(ids, use_cache=False).logits[0]
+    reference = copy.deepcopy(base)
+    rotary = [m for m in reference.modules() if hasattr(m, "inv_freq")][0]
+    d = 2 * rotary.inv_freq.numel()
+    theta = base.config.rope_parameters["rope_theta"]
+    worst = 0.0
+    for n in range(1, ids.shape[1] + 1):
+        inv_freq, scale = _paper_frequencies(method, theta, d, n)
+        rotary.inv_freq = torch.tensor(inv_freq, dtype=torch.float32)
+        rotary.attention_scaling = scale
+        with torch.no_grad():
+            want = reference(ids[:, :n], use_cache=False).logits[0, -1]
+        worst = max(worst, (logits[n - 1] - want).abs().max().item())
+    assert worst <= 1e-5, worst
+    with torch.no_grad():  # the unextended model is much farther away: the check can tell them apart
+        assert (base(ids, use_cache=False).logits[0, L:] - logits[L:]).abs().max().item() > 20 * max(worst, 1e-6)

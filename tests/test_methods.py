@@ -41,7 +41,8 @@ def close(got, want, rtol=1e-6):
 @pytest.mark.parametrize("d,theta,L,s", CASES)
 def test_formulas_match_papers(d, theta, L, s):
     inv, scale = methods.pi.frequencies(spec("pi", d, theta, L, s))
-    close(inv, [f / s for f in paper_inv_freq(theta, d)]) and scale == 1.0
+    close(inv, [f / s for f in paper_inv_freq(theta, d)])
+    assert scale == 1.0
     inv, _ = methods.ntk.frequencies(spec("ntk", d, theta, L, s))
     close(inv, paper_inv_freq(theta * s ** (d / (d - 2)), d))
     for n in (L // 2, L, 3 * L):
@@ -77,7 +78,7 @@ def test_matches_transformers_rope_functions(d, theta, L, s):
         for n in (None, 3 * L) if name == "dynamic_ntk" else (None,):
             want, want_scale = ROPE_INIT_FUNCTIONS[module.HF_ROPE_TYPE](config, "cpu", seq_len=n)
             got, scale = module.frequencies(sp, seq_len=n)
-            close(want, got.double().tolist(), rtol=1e-6)
+            close(got, want.double().tolist(), rtol=1e-6)  # ours: float32, equal to transformers' own
             assert scale == pytest.approx(want_scale, rel=1e-12)
 
 

@@ -48,18 +48,17 @@ def reload_in_fresh_process(folders):
 
 
 def rotary_reference(model, positions):
-    """cos/sin straight from the paper formula: cos(p * inv_freq) * mscale, for the rotary half-dims."""
-    from longctx_hf import methods
+    """cos/sin of a YaRN-extended model straight from the paper formula (written in test_methods, not the package's):
+    cos(p * inv_freq) * mscale, for the rotary half-dims."""
     from longctx_hf.hf_config import RECORD_KEY
+    from test_methods import paper_yarn
 
     record = model.config.to_dict()[RECORD_KEY]
-    module = methods.get_method(record["method"])
+    assert record["method"] == "yarn" and not record["options"]
     rotary = [m for m in model.modules() if hasattr(m, "inv_freq")][0]
-    spec = module.Spec(factor=record["factor"], rope_theta=record["original_rope_theta"],
-                       rotary_dim=2 * rotary.inv_freq.numel(),
-                       original_max_position_embeddings=record["original_max_position_embeddings"])
-    inv, scale = module.frequencies(spec)
-    angles = positions.double()[:, None] * inv.double()[None, :]
+    inv, scale = paper_yarn(record["original_rope_theta"], 2 * rotary.inv_freq.numel(),
+                            record["original_max_position_embeddings"], record["factor"])
+    angles = positions.double()[:, None] * torch.tensor(inv, dtype=torch.float64)[None, :]
     return torch.cos(angles) * scale, torch.sin(angles) * scale, rotary
 
 

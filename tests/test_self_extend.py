@@ -138,7 +138,11 @@ def test_activating_twice_leaves_one_hook_and_yarn_after_it_runs():
     model = extended()
     runtime.activate(model)
     runtime.activate(model)
+    attention = [m for m in model.modules() if type(m).__name__ == "LlamaAttention"]
+    assert len(attention) == 2 and all(len(m._forward_pre_hooks) == 1 for m in attention)
+    assert not any(len(m._forward_pre_hooks) for m in model.modules() if m not in attention)
     extend_context(model, "yarn", 4)
+    assert not any(len(m._forward_pre_hooks) for m in model.modules())
     with torch.no_grad():
         model(torch.zeros(1, 4, dtype=torch.long))  # no stale SelfExtend hook complains
 
