@@ -18,7 +18,9 @@ LENGTH = 2048
 
 
 def text():
-    import argparse, collections, dataclasses  # noqa: E401
+    import argparse  # noqa: E401
+    import collections
+    import dataclasses
     import inspect
     return "\n\n".join(inspect.getsource(m) for m in (argparse, collections, dataclasses))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx_hf.attention import alibi_model_from_config
+from longctx_hf import alibi_model_from_config
 
 TRAIN_LENGTH = 128
 EVAL_LENGTHS = (128, 256, 512, 1024)

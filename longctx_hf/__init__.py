@@ -9,7 +9,7 @@ __all__ = ["extend_context", "context_info", "from_pretrained", "ContextInfo", "
 
 def __getattr__(name):
     # Lazy so that config-only entry points (`longctx-hf info`) never import torch or transformers.
-    if name in ("extend_context", "context_info", "from_pretrained"):
+    if name in ("extend_context", "context_info", "from_pretrained", "alibi_model_from_config"):
         from . import patch
 
         return getattr(patch, name)
@@ -25,10 +25,6 @@ def __getattr__(name):
         from .hf_config import ContextInfo
 
         return ContextInfo
-    if name == "alibi_model_from_config":
-        from .attention import alibi_model_from_config
-
-        return alibi_model_from_config
     if name in ("finetune", "FinetuneOptions"):
         from . import train
 

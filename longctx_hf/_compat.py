@@ -6,10 +6,22 @@ Import it lazily: it loads torch and transformers.
 """
 from __future__ import annotations
 
-from .remote.longctx_compat import (TESTED_TRANSFORMERS, InternalsChanged, cache_keyword, caches_in,  # noqa: F401
-                                    causal_lm_class, contract, contract_names, forget_results, output_cache,
-                                    problem, require, routes_attention_through_interface,
-                                    set_attention_implementation, unsupported_cache_layers)
+from .remote.longctx_compat import (  # noqa: F401
+    TESTED_TRANSFORMERS,
+    InternalsChanged,
+    cache_keyword,
+    caches_in,
+    causal_lm_class,
+    contract,
+    contract_names,
+    forget_results,
+    output_cache,
+    problem,
+    require,
+    routes_attention_through_interface,
+    set_attention_implementation,
+    unsupported_cache_layers,
+)
 
 LEGACY_ROPE_SCALING = "PreTrainedConfig.__dict__['rope_scaling']"
 

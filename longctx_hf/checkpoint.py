@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from . import hf_config, methods, model_card
-from .hub import looks_like_repo_id
+from . import hf_config, hub, methods, model_card
+from .repo_id import looks_like_repo_id
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 REPLACED = ("config.json", "README.md")  # written anew into the destination, never copied from the source
@@ -42,7 +42,7 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     if local:
         config = _read_config(local / "config.json")
     else:  # only the config, not the weights, yet
-        config_file, commit = _fetch_hub_config(hub_id, revision)
+        config_file, commit = hub.fetch_config(hub_id, revision)
         config = _read_config(config_file)
     spec, changes = hf_config.plan_extension(config, module, factor=factor, target_length=target_length,
                                              original_max_position_embeddings=original_max_position_embeddings,
@@ -54,7 +54,7 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     clashes = sorted(name for name in plots if local and not in_place and (local / name).exists())
     if clashes:  # in place, a plot replaces the previous run's plot of the same name; here it would hide SRC's file
         raise ValueError(f"eval_results plot names clash with files of src: {', '.join(clashes)}; rename the plots")
-    src_dir = local or _download(hub_id, commit)  # only now, once everything is valid, the whole repo
+    src_dir = local or hub.download(hub_id, commit, WEIGHT_SUFFIXES)  # only now, once everything is valid, the whole repo
     card = model_card.render(new_config, base_model=hub_id or model_card.repo_id_in(config),
                              source_card=src_dir / "README.md", eval_results=results, plots=plots,
                              remote_code=bool(remote_files))
@@ -91,38 +91,6 @@ def _locate(src, *, allow_hub: bool) -> tuple[Path | None, str | None]:
     if not allow_hub:
         raise ValueError("in_place needs a local checkpoint folder, not a Hub repo id")
     return None, str(src)
-
-
-def hub_config_file(repo_id: str, revision: str | None = None) -> Path:
-    """Only the config.json of a Hub repo (huggingface_hub's cache), never its weights."""
-    from huggingface_hub import hf_hub_download
-
-    return Path(hf_hub_download(repo_id, "config.json", revision=revision))
-
-
-def _fetch_hub_config(repo_id: str, revision: str | None) -> tuple[Path, str]:
-    """(config.json, the commit it came from): the rest is fetched at that same commit, never a newer push.
-
-    A mistyped local path (`models/llama`) is also a valid repo id: the error says both.
-    """
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        config_file = hub_config_file(repo_id, revision)
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
-        raise ValueError(f"{repo_id!r} is not a local folder, and fetching it as a Hub repo id failed: {err}") from err
-    return config_file, config_file.parent.name  # huggingface_hub's cache: .../snapshots/<commit>/config.json
-
-
-def _download(repo_id: str, commit: str) -> Path:
-    """The repo at `commit`, with one weight format, like from_pretrained: safetensors when the repo has them,
-    else PyTorch .bin; never the other formats beside them (original/*.pth, .gguf, ...)."""
-    from huggingface_hub import list_repo_files, snapshot_download
-
-    files = list_repo_files(repo_id, revision=commit)
-    keep = next((suffix for suffix in (".safetensors", ".bin") if any(f.endswith(suffix) for f in files)), None)
-    ignore = [f"*{suffix}" for suffix in WEIGHT_SUFFIXES if suffix != keep] if keep else None
-    return Path(snapshot_download(repo_id, revision=commit, ignore_patterns=ignore))
 
 
 def _read_config(config_file: Path) -> dict:

@@ -20,12 +20,12 @@ def _user_errors():
 
 def _info(args) -> int:
     from .hf_config import describe
-    from .hub import looks_like_repo_id
+    from .repo_id import looks_like_repo_id
 
     path = Path(args.path)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file() and looks_like_repo_id(args.path):
-        from .checkpoint import hub_config_file
+        from .hub import config_file as hub_config_file
 
         try:
             config_file = hub_config_file(args.path)
@@ -84,7 +84,7 @@ def _extend(args) -> int:
         return 2
     try:
         if args.push_to_hub:  # before writing the output, not after
-            from .hub import check_repo_id
+            from .repo_id import check_repo_id
 
             check_repo_id(args.push_to_hub)
         dst = extend_checkpoint(args.src, args.output, args.method, args.factor, target_length=args.target_length,

@@ -1,42 +1,56 @@
-"""Push an extended checkpoint (a folder, or a model in memory) to the Hugging Face Hub.
+"""The Hugging Face Hub side, in one place: read a source checkpoint's config and files, push an extended one.
 
-A thin layer over huggingface_hub's `create_repo` + `upload_folder`; the token comes from the usual places
+A thin layer over huggingface_hub (`hf_hub_download`, `snapshot_download`, `create_repo` + `upload_folder`); the
+token comes from the usual places
 (`token=`, HF_TOKEN, `hf auth login`). Large files go through the Hub's LFS / Xet upload as usual.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 
+from . import model_card
+from .repo_id import check_repo_id
+
 DEFAULT_MESSAGE = "Upload context-extended checkpoint (longctx-hf)"
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name, as a source or a base model
 
 
-def looks_like_repo_id(text: str) -> bool:
-    """`owner/name` that is not an existing path: how `extend`/`info` tell a Hub source from a local folder."""
-    return bool(REPO_ID.match(text)) and not Path(text).exists()
+# ------------------------------------------------------------------------------------------------- reading
+def config_file(repo_id: str, revision: str | None = None) -> Path:
+    """Only the config.json of a Hub repo (huggingface_hub's cache), never its weights."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id, "config.json", revision=revision))
 
 
-def check_repo_id(repo_id) -> str:
-    """`repo_id` if the Hub accepts it ('owner/name', or 'name' in your own namespace), else a ValueError.
+def fetch_config(repo_id: str, revision: str | None) -> tuple[Path, str]:
+    """(config.json, the commit it came from): the rest is fetched at that same commit, never a newer push.
 
-    huggingface_hub's own validator (imported here only: huggingface_hub costs ~0.3 s and `extend` without a push
-    must stay fast); called before anything is written or sent.
+    A mistyped local path (`models/llama`) is also a valid repo id: the error says both.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    if not isinstance(repo_id, str):
-        raise ValueError(f"repo_id must be a string like 'owner/name', got {type(repo_id).__name__} {repo_id!r}")
     try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"repo_id must look like 'owner/name' (or 'name' in your own namespace): {err}") from None
-    return repo_id
+        path = config_file(repo_id, revision)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        raise ValueError(f"{repo_id!r} is not a local folder, and fetching it as a Hub repo id failed: {err}") from err
+    return path, path.parent.name  # huggingface_hub's cache: .../snapshots/<commit>/config.json
 
 
+def download(repo_id: str, commit: str, weight_suffixes) -> Path:
+    """The repo at `commit`, with one weight format, like from_pretrained: safetensors when the repo has them,
+    else PyTorch .bin; never the other `weight_suffixes` beside them (original/*.pth, .gguf, ...)."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    files = list_repo_files(repo_id, revision=commit)
+    keep = next((suffix for suffix in (".safetensors", ".bin") if any(f.endswith(suffix) for f in files)), None)
+    ignore = [f"*{suffix}" for suffix in weight_suffixes if suffix != keep] if keep else None
+    return Path(snapshot_download(repo_id, revision=commit, ignore_patterns=ignore))
+
+
+# ------------------------------------------------------------------------------------------------- pushing
 def push_to_hub(model_or_path, repo_id: str, *, private: bool | None = None, commit_message: str | None = None,
                 token: str | None = None):
     """Create `repo_id` if needed and upload a checkpoint folder or a transformers model; returns the CommitInfo.
@@ -44,8 +58,6 @@ def push_to_hub(model_or_path, repo_id: str, *, private: bool | None = None, com
     A model in memory is saved with `save_pretrained` into a temporary folder first, with a model card written
     from its config (push the tokenizer separately, or extend and push a folder that has it).
     """
-    from . import model_card
-
     check_repo_id(repo_id)
     if isinstance(model_or_path, (str, os.PathLike)):
         folder = Path(model_or_path)

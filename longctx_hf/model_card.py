@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from . import hf_config
-from .hub import looks_like_repo_id
+from .repo_id import looks_like_repo_id
 
 PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
 CONFIG_KEYS = ("max_position_embeddings", "rope_parameters", "rope_theta", "rope_scaling", "auto_map",

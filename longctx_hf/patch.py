@@ -160,7 +160,7 @@ def _extend_with_attention_bias(model, module, rotaries, config, factor, target_
     Same order as the RoPE path: validate everything and build the new rotary from a config copy first, then
     write config, buffers and the attention implementation.
     """
-    from . import attention
+    from . import alibi_attention as attention
 
     spec, changes = hf_config.plan_extension(config.to_dict(), module, factor=factor, target_length=target_length,
                                              original_max_position_embeddings=original_max_position_embeddings,
@@ -226,3 +226,14 @@ def context_info(model_or_config) -> ContextInfo:
         scaling = info.attention_scaling  # the rotary module is the identity; the value at the extended length
     return ContextInfo(info.method, info.factor, info.pretrained_length, info.extended_length, scaling,
                        info.rope_theta, info.options, info.loads_with_plain_transformers, info.warnings)
+
+
+def alibi_model_from_config(config, max_length=None, **from_config_kwargs):
+    """A freshly initialised causal LM with ALiBi instead of RoPE, for training from scratch (e.g. a LlamaConfig).
+
+    Built by the same patcher as a loaded model, so it saves and reloads exactly like one.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, **from_config_kwargs)
+    return extend_context(model, "alibi", max_length=max_length)

@@ -182,7 +182,7 @@ def finetune(model, **options) -> FinetuneResult:
 
 def check_options(model, **options) -> FinetuneOptions:
     """Validated options: types and ranges, data and output folders, and the extension itself on a meta copy."""
-    from .methods import METHODS, ALIASES
+    from .methods import ALIASES, METHODS
 
     method = METHODS.get(ALIASES.get(options.get("method"), options.get("method"))) \
         if isinstance(options.get("method"), str) else None

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from longctx_hf import context_info, extend_context
-from longctx_hf.attention import alibi_model_from_config
-from longctx_hf.methods import alibi
 from models import tiny_model
+
+from longctx_hf import alibi_model_from_config, context_info, extend_context
+from longctx_hf.methods import alibi
 
 GQA = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)  # head_dim 16, 6 heads: not a power of 2
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 import transformers
 from huggingface_hub import ModelCard
+from models import tiny_model
+from test_cli import run
+from test_roundtrip import ARCHITECTURES, reload_in_fresh_process
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from longctx_hf import extend_checkpoint, extend_context
 from longctx_hf.hf_config import HEAD_DIM_KEYS, HEAD_DIM_ROTARY_MODELS, PARTIAL_ROTARY_DEFAULTS, rotary_dim_of
-from models import tiny_model
-from test_cli import run
-from test_roundtrip import ARCHITECTURES, reload_in_fresh_process
 
 EXTRA_FILES = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": "{}", "chat_template.jinja": "{{x}}",
                "original/params.json": '{"dim": 64}'}

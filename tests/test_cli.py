@@ -4,8 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from longctx_hf import extend_context
 from models import tiny_model
+
+from longctx_hf import extend_context
 
 NO_TORCH = ("import sys; from longctx_hf.cli import main; code = main(sys.argv[1:]); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; sys.exit(code)")

@@ -6,11 +6,11 @@ import inspect
 import pytest
 import torch
 import transformers
+from models import tiny_model
 from transformers import DynamicCache, StaticCache
 
 from longctx_hf import _compat, extend_context
 from longctx_hf.remote import longctx_compat, longctx_self_extend
-from models import tiny_model
 
 L = 32
 RUNTIME_METHODS = ["dynamic_ntk", "dynamic_yarn", "self_extend"]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import tiny_model
 from transformers import AutoModelForCausalLM
 
 from longctx_hf import extend_context, methods
 from longctx_hf.remote import longctx_dynamic_rope as runtime
-from models import tiny_model
 
 L = 32
 NEW = 80

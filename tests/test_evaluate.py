@@ -8,15 +8,22 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models as tokenizer_models
+from models import tiny_model
+from tokenizers import Tokenizer, decoders
+from tokenizers import models as tokenizer_models
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from longctx_hf import extend_context
-from longctx_hf.evaluate import (evaluate_model, nll_of_last, parse_length, passkey_grid, passkey_trial,
-                                 sliding_window_nll)
+from longctx_hf.evaluate import (
+    evaluate_model,
+    nll_of_last,
+    parse_length,
+    passkey_grid,
+    passkey_trial,
+    sliding_window_nll,
+)
 from longctx_hf.evaluate import perplexity as perplexity_module
 from longctx_hf.evaluate.run import default_factor
-from models import tiny_model
 
 SCHEMA_RUN_KEYS = {"method", "factor", "options"}
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from longctx_hf import _compat
 from longctx_hf.data import IGNORE_INDEX, pack
 from longctx_hf.train import check_options, finetune
-from models import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(json.__file__).parents[1]  # Python's own sources: fixed text that is always there

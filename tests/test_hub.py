@@ -6,9 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from huggingface_hub import ModelCard
-
 from hub_server import Hub
+from huggingface_hub import ModelCard
 from test_checkpoint import make_source, snapshot
 from test_cli import NO_TORCH
 

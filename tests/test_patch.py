@@ -3,11 +3,10 @@ import copy
 
 import pytest
 import torch
+from models import tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from longctx_hf import context_info, extend_context
-
-from models import tiny_model
 
 METHODS = [("pi", {}), ("ntk", {}), ("dynamic_ntk", {}), ("yarn", {}), ("yarn", {"beta_fast": 128, "beta_slow": 2})]
 

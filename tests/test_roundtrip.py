@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
+from models import tiny_model
 
 from longctx_hf import extend_context
-from models import tiny_model
 
 # Phi3 is absent: its config class only admits rope_type 'longrope', and extend_context refuses it clearly.
 ARCHITECTURES = {
@@ -50,8 +50,9 @@ def reload_in_fresh_process(folders):
 def rotary_reference(model, positions):
     """cos/sin of a YaRN-extended model straight from the paper formula (written in test_methods, not the package's):
     cos(p * inv_freq) * mscale, for the rotary half-dims."""
-    from longctx_hf.hf_config import RECORD_KEY
     from test_methods import paper_yarn
+
+    from longctx_hf.hf_config import RECORD_KEY
 
     record = model.config.to_dict()[RECORD_KEY]
     assert record["method"] == "yarn" and not record["options"]

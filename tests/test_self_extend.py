@@ -6,17 +6,16 @@ G * (L - W + W // G) = 300 tokens.
 """
 import json
 import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
+from models import tiny_model
+from test_dynamic_cache import REPO, generate, recompute, run
 
 from longctx_hf import extend_context, from_pretrained, methods
 from longctx_hf.checkpoint import extend_checkpoint
 from longctx_hf.methods import self_extend
 from longctx_hf.remote import longctx_self_extend as runtime
-from models import tiny_model
-from test_dynamic_cache import REPO, generate, recompute, run
 
 L, W, G = 64, 16, 6
 TOL = 1e-5
@@ -351,3 +350,15 @@ def test_a_plain_load_naming_another_attention_fails_loudly(tmp_path, attention)
     with pytest.raises(ValueError, match="silently run plain RoPE"):
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=attention)
     assert runtime.is_active(from_pretrained(tmp_path, attn_implementation=attention))
+
+
+@pytest.mark.parametrize("method", ["self_extend", "dynamic_yarn", "alibi"])
+def test_only_the_main_process_writes_the_shipped_code(tmp_path, method):
+    """One save hook for every runtime: atomic, and silent in processes that do not write the checkpoint."""
+    model = extend_context(tiny(), method, **({} if method == "alibi" else {"factor": 4}))
+    model.save_pretrained(tmp_path / "worker", is_main_process=False)
+    assert not list((tmp_path / "worker").glob("*.py"))
+    model.save_pretrained(tmp_path / "main")
+    shipped = sorted(p.name for p in (tmp_path / "main").glob("*.py"))
+    assert shipped == sorted(methods.remote_code_files(methods.get_method(method))) and "longctx_compat.py" in shipped
+    assert not list((tmp_path / "main").glob(".tmp-*"))

@@ -130,8 +130,8 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..patch import extend_context, from_pretrained
     from ..hf_config import pretrained_rope
+    from ..patch import extend_context, from_pretrained
     from ..real_model import resolve_model
     from .passkey import passkey_grid
     from .perplexity import default_text, default_text_name, nll_of_last, perplexity, sliding_window_nll

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 NAME = "alibi"
 ALIASES = ()
 HF_ROPE_TYPE = "alibi"

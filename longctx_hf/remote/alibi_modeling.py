@@ -18,8 +18,13 @@ import types
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import (AttentionMaskInterface, eager_mask, flash_attention_mask,
-                                        flex_attention_mask, sdpa_mask)
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    eager_mask,
+    flash_attention_mask,
+    flex_attention_mask,
+    sdpa_mask,
+)
 
 from . import longctx_compat as compat
 from .longctx_compat import InternalsChanged  # noqa: F401  (this form makes transformers ship the sibling file)

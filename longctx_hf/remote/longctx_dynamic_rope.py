@@ -340,7 +340,7 @@ def activate(model):
     compat.set_attention_implementation(config, ATTENTION_PREFIX + base)
     guard_attention(modules, "cache-exact dynamic RoPE", lambda name: (name or "").startswith(ATTENTION_PREFIX))
     if rope_type == "dynamic_yarn":
-        _save_remote_code_with(model, remote_files())
+        save_remote_code_with(model, remote_files())
     return model
 
 
@@ -435,13 +435,15 @@ def write_remote_code(save_directory, files):
         os.replace(temporary, os.path.join(save_directory, name))
 
 
-def _save_remote_code_with(model, files):
-    """Make this model's save_pretrained also write the remote code its config's auto_map points to."""
+def save_remote_code_with(model, files):
+    """Make this model's save_pretrained also write the remote code its config's auto_map points to: each file
+    atomically, and only from the process that writes the checkpoint (`is_main_process`, as transformers)."""
     cls_save = type(model).save_pretrained
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         result = cls_save(self, save_directory, *args, **kwargs)
-        write_remote_code(save_directory, files)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory, files)
         return result
 
     model.save_pretrained = save_pretrained.__get__(model)

@@ -368,7 +368,7 @@ def activate(model, base=None):
         setattr(module, RUNTIME_ATTRIBUTE, runtime)
     compat.set_attention_implementation(config, ATTENTION_NAME)
     shared.guard_attention(modules, "SelfExtend", lambda name: name == ATTENTION_NAME)
-    shared._save_remote_code_with(model, remote_files())
+    shared.save_remote_code_with(model, remote_files())
     return model
 
 

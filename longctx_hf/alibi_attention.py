@@ -1,15 +1,12 @@
-"""Attention-bias wiring: ALiBi's attention functions, registered with transformers, installed on a model.
+"""ALiBi's attention functions installed on a model (the patcher's attention-bias path).
 
 The functions themselves live in `remote/alibi_modeling.py` (the file copied into checkpoints), so the in-memory
-model and a reloaded one run the same code. Importing this module registers them with transformers.
+model and a reloaded one run the same code (importing it registers them with transformers).
 """
 from __future__ import annotations
 
-import types
-from pathlib import Path
-
-from .remote.alibi_modeling import (ATTENTION_NAMES, alibi_attention_name, alibi_slopes,  # noqa: F401
-                                    keep_alibi_on_switch, register)
+from .remote.alibi_modeling import alibi_attention_name, keep_alibi_on_switch  # noqa: F401  (patch.py uses the first)
+from .remote.longctx_dynamic_rope import save_remote_code_with
 
 
 def check_supported(model, config) -> None:
@@ -32,31 +29,8 @@ def check_supported(model, config) -> None:
         raise ValueError(f"{type(model).__name__} has no causal attention modules; ALiBi needs a decoder")
 
 
-def _save_with_remote_code(self, save_directory, *args, **kwargs):
-    """save_pretrained, then the modeling files the config's auto_map points to (beside config.json)."""
-    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    if kwargs.get("is_main_process", True):
-        for name, text in self._longctx_remote_code.items():
-            (Path(save_directory) / name).write_text(text)
-    return result
-
-
 def install(model, attn_name: str, remote_code: dict) -> None:
     """Select the ALiBi attention function, keep it on later switches, ship the modeling code on save."""
     type(model).set_attn_implementation(model, attn_name)
     keep_alibi_on_switch(model)
-    model._longctx_remote_code = dict(remote_code)
-    model.save_pretrained = types.MethodType(_save_with_remote_code, model)
-
-
-def alibi_model_from_config(config, max_length=None, **from_config_kwargs):
-    """A freshly initialised causal LM with ALiBi instead of RoPE, for training from scratch (e.g. a LlamaConfig).
-
-    Built by the same patcher as a loaded model, so it saves and reloads exactly like one.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from .patch import extend_context
-
-    model = AutoModelForCausalLM.from_config(config, **from_config_kwargs)
-    return extend_context(model, "alibi", max_length=max_length)
+    save_remote_code_with(model, remote_code)
