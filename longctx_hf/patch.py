@@ -11,9 +11,8 @@ import math
 
 import torch
 
-from . import _compat, hf_config, methods
+from . import _compat, hf_config, methods, runtimes
 from .hf_config import ContextInfo
-from .remote import longctx_dynamic_rope as dynamic_runtime  # registers rope_type 'dynamic_yarn' on import
 from .remote import longctx_self_extend as self_extend_runtime  # registers rope_type 'self_extend' on import
 
 FORMULA_RTOL = 2e-6
@@ -86,36 +85,18 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
         raise ValueError(f"cannot rebuild {type(rotaries[0]).__name__} from its config ({err}); "
                          "this model does not follow the standard transformers RoPE layout") from err
     _check_against_formula(module, spec, fresh)
-    base_attention = self_extend_runtime.current_base(model)  # before any change
-    runtime = _runtime_for(module.HF_ROPE_TYPE)
-    if runtime is dynamic_runtime:
-        dynamic_runtime.check_supported(model, fresh)
-    elif runtime is self_extend_runtime:
-        self_extend_runtime.check_supported(model, fresh, base_attention)
+    base_attention = runtimes.current_base(model)  # before any change
+    runtime = runtimes.runtime_for(module.HF_ROPE_TYPE)
+    if runtime is not None:
+        runtime.check_supported(model, fresh, base_attention)
 
-    _deactivate_runtimes(model)
+    runtimes.deactivate_all(model)
     hf_config.apply_to_config(config, changes)
     for rotary in rotaries:
         _install(rotary, fresh, device)
-    if runtime is dynamic_runtime:
-        dynamic_runtime.activate(model)
-    elif runtime is self_extend_runtime:
-        self_extend_runtime.activate(model, base_attention)
+    if runtime is not None:
+        runtime.activate(model, base_attention)
     return model
-
-
-def _runtime_for(rope_type):
-    """The longctx_hf runtime a rope type needs (keys cached before rotation), or None for transformers' own."""
-    if rope_type in dynamic_runtime.DYNAMIC_ROPE_TYPES:
-        return dynamic_runtime
-    if rope_type == self_extend_runtime.ROPE_TYPE:
-        return self_extend_runtime
-    return None
-
-
-def _deactivate_runtimes(model):
-    dynamic_runtime.deactivate(model)
-    self_extend_runtime.deactivate(model)
 
 
 def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
@@ -129,7 +110,7 @@ def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
 
     from .remote import alibi_modeling
 
-    base = self_extend_runtime.base_attention_name(kwargs.get("attn_implementation"))
+    base = kwargs.get("attn_implementation")  # None: what the config names
     config = kwargs.pop("config", None)
     if config is None:
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **{
@@ -143,13 +124,9 @@ def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
         return loader.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
     rotaries, config = _rotary_modules(model)
-    runtime = _runtime_for(config.rope_parameters.get("rope_type"))
-    if runtime is not None and runtime.is_active(model):  # trust_remote_code=True: the shipped code activated it
-        return model
-    if runtime is dynamic_runtime:
-        dynamic_runtime.activate(model)
-    elif runtime is self_extend_runtime:
-        self_extend_runtime.activate(model, base)
+    runtime = runtimes.runtime_for(config.rope_parameters.get("rope_type"))
+    if runtime is not None and not runtime.is_active(model):  # (trust_remote_code=True: the shipped code did it)
+        runtime.activate(model, base)
     return model
 
 
@@ -166,7 +143,7 @@ def _extend_with_attention_bias(model, module, rotaries, config, factor, target_
                                              original_max_position_embeddings=original_max_position_embeddings,
                                              options=options)
     attention.check_supported(model, config)
-    attn_name = attention.alibi_attention_name(self_extend_runtime.current_base(model))
+    attn_name = attention.alibi_attention_name(runtimes.current_base(model))
 
     new_config = copy.deepcopy(config)
     try:
@@ -182,7 +159,7 @@ def _extend_with_attention_bias(model, module, rotaries, config, factor, target_
     hf_config.apply_to_config(config, changes)
     for rotary in rotaries:
         _install(rotary, fresh, rotary.inv_freq.device)
-    _deactivate_runtimes(model)  # replacing a dynamic_ntk / dynamic_yarn / self_extend extension
+    runtimes.deactivate_all(model)  # replacing a dynamic_ntk / dynamic_yarn / self_extend extension
     attention.install(model, attn_name, methods.remote_code_files(module))
     return model
 
@@ -222,7 +199,7 @@ def context_info(model_or_config) -> ContextInfo:
     rotaries, config = _rotary_modules(model_or_config)
     info = hf_config.describe(config.to_dict())
     scaling = float(getattr(rotaries[0], "attention_scaling", 1.0))
-    if _runtime_for(config.rope_parameters.get("rope_type")) is not None:
+    if runtimes.runtime_for(config.rope_parameters.get("rope_type")) is not None:
         scaling = info.attention_scaling  # the rotary module is the identity; the value at the extended length
     return ContextInfo(info.method, info.factor, info.pretrained_length, info.extended_length, scaling,
                        info.rope_theta, info.options, info.loads_with_plain_transformers, info.warnings)

@@ -133,3 +133,17 @@ def test_meta_device_model_allocates_nothing():
     extend_context(model, "yarn", 16)
     assert model.model.rotary_emb.inv_freq.is_meta
     assert model.config.max_position_embeddings == 131072
+
+
+def test_every_runtime_satisfies_the_runtime_contract():
+    import types
+
+    from longctx_hf import runtimes
+
+    for module in set(runtimes.RUNTIMES.values()):
+        runtimes._check_contract(module)  # what the registry checks when it loads
+    incomplete = types.ModuleType("incomplete")
+    incomplete.check_supported = lambda model, rotary, base: None
+    incomplete.activate = lambda model: None  # no base
+    with pytest.raises(TypeError, match=r"incomplete must define activate\(model, base\)"):
+        runtimes._check_contract(incomplete)

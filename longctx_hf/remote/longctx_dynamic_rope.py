@@ -290,11 +290,12 @@ def attention_modules(model, config=None):
             and hasattr(m, "layer_idx") and not hasattr(m, "mlp")]
 
 
-def check_supported(model, rotary):
+def check_supported(model, rotary, base=None):
     """Raise a ValueError, before anything is modified, if `activate` could not serve this model (and
-    InternalsChanged if the installed transformers no longer provides what the runtime relies on)."""
+    InternalsChanged if the installed transformers no longer provides what the runtime relies on). `base`: the
+    attention implementation to wrap (default: what the config names)."""
     compat.require(*RUNTIME_CONTRACTS)
-    _base_implementation(rotary.config)
+    _base_implementation(rotary.config if base is None else base)
     _layout_is_interleaved(rotary, rotary.inv_freq)
     modules = attention_modules(model)
     if not modules:
@@ -309,16 +310,18 @@ def base_attention_name(name):
     return name[len(ATTENTION_PREFIX):] if name and name.startswith(ATTENTION_PREFIX) else name
 
 
-def _base_implementation(config) -> str:
-    base = base_attention_name(config._attn_implementation or "eager")
+def _base_implementation(config_or_name) -> str:
+    name = config_or_name if isinstance(config_or_name, str) else config_or_name._attn_implementation
+    base = base_attention_name(name or "eager")
     if base not in WRAPPABLE_ATTENTION:
         raise ValueError(f"cache-exact dynamic RoPE wraps attention implementations {WRAPPABLE_ATTENTION}, not "
                          f"{base!r}; load the model with attn_implementation='sdpa' or 'eager'")
     return base
 
 
-def activate(model):
-    """Install the cache-exact runtime on a model whose config has rope_type 'dynamic' or 'dynamic_yarn'."""
+def activate(model, base=None):
+    """Install the cache-exact runtime on a model whose config has rope_type 'dynamic' or 'dynamic_yarn'.
+    `base`: the attention implementation to wrap (default: what the config names)."""
     register()
     rotaries = _rotary_modules(model)
     if not rotaries:
@@ -327,8 +330,8 @@ def activate(model):
     rope_type = config.rope_parameters.get("rope_type")
     if rope_type not in DYNAMIC_ROPE_TYPES:
         raise ValueError(f"cache-exact dynamic RoPE needs rope_type in {DYNAMIC_ROPE_TYPES}, got {rope_type!r}")
-    check_supported(model, rotaries[0])
-    base = _base_implementation(config)
+    check_supported(model, rotaries[0], base)
+    base = _base_implementation(config if base is None else base)
     deactivate(model)  # activating twice must not leave a second set of hooks behind
     original, interleaved = make_rotaries_identity(rotaries)
     modules = attention_modules(model, config)
