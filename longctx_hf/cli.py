@@ -90,8 +90,7 @@ def _extend(args) -> int:
         dst = extend_checkpoint(args.src, args.output, args.method, args.factor, target_length=args.target_length,
                                 original_max_position_embeddings=args.original, overwrite=args.overwrite,
                                 in_place=args.in_place, eval_results=args.eval_results, link=not args.copy,
-                                revision=args.revision,
-                                **options)
+                                revision=args.revision, card_name=args.push_to_hub, **options)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

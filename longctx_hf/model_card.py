@@ -71,7 +71,7 @@ def base_card_body(card_file: Path, metadata: dict) -> str:
 
 
 def load_eval_results(path) -> tuple[dict, dict]:
-    """(results, {plot file name: path}) from a results.json (RESULTS_SCHEMA), checked before anything is written."""
+    """(results, {plot file name: path}) from a results.json (docs/results_schema.md), checked before anything is written."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"eval_results must be a results.json file; not found: {path}")
@@ -80,7 +80,7 @@ def load_eval_results(path) -> tuple[dict, dict]:
     except json.JSONDecodeError as err:
         raise ValueError(f"eval_results {path} is not valid JSON: {err}") from err
     if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
-        raise ValueError(f"eval_results {path} has no 'runs' list (see RESULTS_SCHEMA)")
+        raise ValueError(f"eval_results {path} has no 'runs' list (see docs/results_schema.md)")
     plots = {}
     for name in (results.get("plots") or {}).values():
         plot = path.parent / str(name)
@@ -95,7 +95,7 @@ def load_eval_results(path) -> tuple[dict, dict]:
 
 
 def render(config: dict, *, base_model=None, source_card=None, eval_results=None, plots=None,
-           remote_code=False, name="path/or/repo-id") -> str:
+           remote_code=False, name) -> str:
     """The full README.md text for an extended checkpoint whose (new) config dict is `config`."""
     info = hf_config.describe(config)
     source = front_matter(Path(source_card)) if source_card else {}

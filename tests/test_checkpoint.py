@@ -535,3 +535,12 @@ def test_cli_alibi_then_yarn_leaves_no_orphan_modeling_file(tmp_path):
     assert (tmp_path / "dyn" / "longctx_dynamic_rope.py").is_file()
     assert not (tmp_path / "yarn" / "longctx_dynamic_rope.py").exists()
     assert "auto_map" not in json.loads((tmp_path / "yarn" / "config.json").read_text())
+
+
+def test_the_offline_model_card_names_what_to_load(tmp_path):
+    src = make_source(tmp_path / "src")
+    dst = extend_checkpoint(src, tmp_path / "out", "yarn", 4)
+    card = (dst / "README.md").read_text()
+    assert f'from_pretrained("{dst}")' in card and "path/or/repo-id" not in card
+    pushed = extend_checkpoint(src, tmp_path / "out2", "yarn", 4, card_name="me/tiny-yarn")
+    assert 'from_pretrained("me/tiny-yarn")' in (pushed / "README.md").read_text()

@@ -127,7 +127,7 @@ def test_evaluate_model_results_schema_plots_and_independent_numbers(tiny_folder
                              depths=[0.5], trials=1, output=str(out), progress=False)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    # the contract in RESULTS_SCHEMA.md
+    # the contract in docs/results_schema.md
     assert on_disk["model"] == str(tiny_folder) and on_disk["pretrained_length"] == 256
     assert on_disk["baseline"].startswith("unextended model, sliding window of its pretrained length")
     assert on_disk["text"] and set(on_disk["versions"]) >= {"longctx_hf", "torch", "transformers"}
