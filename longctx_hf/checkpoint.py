@@ -77,7 +77,7 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
 def _our_remote_code_files() -> set:
     """Modeling files a previous extension of ours may have shipped: not carried over unless the new method writes
     them again (an orphan file without its auto_map entry would only confuse)."""
-    return {name for module in methods.METHODS.values() for name in getattr(module, "REMOTE_FILES", ())}
+    return {name for module in methods.METHODS.values() for name in module.REMOTE_FILES}
 
 
 def _locate(src, *, allow_hub: bool) -> tuple[Path | None, str | None]:

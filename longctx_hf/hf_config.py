@@ -138,7 +138,7 @@ def plan_extension(config: dict, method, *, factor, target_length, original_max_
     `rotary_dim` is the live model's when known; otherwise it is read from the config (RoPE methods only).
     """
     pretrained = pretrained_rope(config, original_max_position_embeddings)
-    if getattr(method, "KIND", "rope") == "attention_bias":
+    if method.KIND == "attention_bias":
         if factor is not None or target_length is not None:
             raise ValueError(f"factor/target_length are not used by method {method.NAME!r} (it extrapolates without "
                              "rescaling anything); give max_length=<tokens> to set the advertised context")
@@ -199,10 +199,10 @@ def config_changes(config: dict, method, spec, pretrained: Pretrained) -> dict:
         },
     }
     changes.update(_auto_map_changes(config, method, spec))
-    if hasattr(method, "SAVED_ATTENTION"):  # read back by from_pretrained as the attention implementation
+    if method.SAVED_ATTENTION:  # read back by from_pretrained as the attention implementation
         changes["attn_implementation"] = method.SAVED_ATTENTION
     elif config.get("attn_implementation") in {m.SAVED_ATTENTION for m in methods.METHODS.values()
-                                               if hasattr(m, "SAVED_ATTENTION")}:
+                                               if m.SAVED_ATTENTION}:
         changes["attn_implementation"] = DELETE  # written by the extension this one replaces
     if "head_dim" in config and config["head_dim"] is None and config.get("num_attention_heads"):
         # transformers' yarn/dynamic read `getattr(config, "head_dim", default)`, which an explicit None defeats.
@@ -218,7 +218,7 @@ def config_changes(config: dict, method, spec, pretrained: Pretrained) -> dict:
 
 def _auto_map_changes(config: dict, method, spec) -> dict:
     """Point `auto_map` at the method's remote code, or drop entries an earlier extension of ours wrote."""
-    ours = {module.REMOTE_CLASS for module in methods.METHODS.values() if hasattr(module, "REMOTE_CLASS")}
+    ours = {module.REMOTE_CLASS for module in methods.METHODS.values() if module.REMOTE_CLASS}
     current = dict(config.get("auto_map") or {})
     kept = {key: value for key, value in current.items() if value not in ours}
     wanted = {**kept, **methods.auto_map(method)}
@@ -269,7 +269,7 @@ RUNTIME_NAMES = {"default": "none", "linear": "pi", "dynamic": "dynamic_ntk", "y
 
 def _temperature(method, factor, rope_theta, original_length, options) -> float:
     """A method's attention scaling from config values alone (the rotary dim does not enter it)."""
-    if not hasattr(method, "attention_scaling"):
+    if method.KIND != "rope":
         return 1.0
     spec = method.Spec(factor=factor, rope_theta=rope_theta, rotary_dim=2,
                        original_max_position_embeddings=original_length, **options)

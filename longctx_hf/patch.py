@@ -64,7 +64,7 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
     rotaries, config = _rotary_modules(model)
     module = methods.get_method(method)
     current = config.to_dict()
-    if getattr(module, "KIND", "rope") == "attention_bias":
+    if module.KIND == "attention_bias":
         return _extend_with_attention_bias(model, module, rotaries, config, factor, target_length,
                                            original_max_position_embeddings, options)
     spec, changes = hf_config.plan_extension(current, module, factor=factor, target_length=target_length,

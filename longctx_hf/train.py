@@ -186,10 +186,10 @@ def check_options(model, **options) -> FinetuneOptions:
 
     method = METHODS.get(ALIASES.get(options.get("method"), options.get("method"))) \
         if isinstance(options.get("method"), str) else None
-    if method is not None and getattr(method, "KIND", "rope") != "rope":
+    if method is not None and method.KIND != "rope":
         raise ValueError(f"method {method.NAME!r} is not supported by finetune yet (it takes no factor); build the "
                          "model with longctx_hf.alibi_model_from_config or extend_context and train it directly")
-    if method is not None and getattr(method, "TRAINING_FREE", False):
+    if method is not None and method.TRAINING_FREE:
         raise ValueError(f"method {method.NAME!r} is training-free (its attention is not built for backward passes "
                          "at long lengths); fine-tune with yarn, pi or ntk instead")
     try:

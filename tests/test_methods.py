@@ -109,3 +109,20 @@ def test_foreign_and_unknown_options():
     with pytest.raises(TypeError, match="method must be a string"):
         methods.get_method(None)
     assert methods.get_method("linear") is methods.pi and methods.get_method("dynamic") is methods.dynamic_ntk
+
+
+def test_every_method_satisfies_the_registry_contract():
+    import types
+
+    for module in methods.METHODS.values():
+        methods.check_method(module)
+    broken = types.ModuleType("broken")
+    for name, value in vars(methods.pi).items():
+        if not name.startswith("__"):
+            setattr(broken, name, value)
+    del broken.attention_scaling
+    with pytest.raises(TypeError, match="broken must define Spec and .*attention_scaling"):
+        methods.check_method(broken)
+    broken.attention_scaling, broken.REMOTE_CLASS = methods.pi.attention_scaling, "x.Y"  # without REMOTE_FILES
+    with pytest.raises(TypeError, match="REMOTE_FILES and REMOTE_CLASS go together"):
+        methods.check_method(broken)

@@ -54,7 +54,7 @@ def check_options(*, methods, lengths, tasks, depths, trials, factor, dtype, dev
                 module = get_method(name)
             except ValueError as err:  # it lists the known methods
                 raise ValueError(f"methods (--method): {err}; or 'none' for the model as loaded") from None
-            if getattr(module, "KIND", "rope") != "rope":
+            if module.KIND != "rope":
                 raise ValueError(f"methods (--method): {name!r} is not a RoPE rescaling with a factor; to evaluate an "
                                  f"{name} model, extend and save it first, then evaluate that folder with 'none'")
     if len(set(methods)) != len(methods):

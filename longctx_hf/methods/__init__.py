@@ -1,11 +1,17 @@
-"""Registry of context-extension methods: one small pure module each.
+"""Registry of context-extension methods: one small pure module each, all satisfying one explicit contract.
 
-A method module provides NAME, ALIASES, HF_ROPE_TYPE, a frozen `Spec` dataclass (validated on construction),
-`frequencies(spec, seq_len) -> (inv_freq float32, attention_scaling)`, `rope_parameters(spec)` (the
-transformers-5 config dict) and `max_position_embeddings(spec)`. Adding a method = adding a module here.
-Attention-bias methods (KIND = "attention_bias", e.g. alibi) have no frequencies: they disable the rotary and
-provide attention functions. A method without a native transformers form MAY define REMOTE_FILES (files of
-longctx_hf/remote/ written beside config.json) and REMOTE_CLASS (the `auto_map` target in them, "module.Class").
+Every method module defines (checked below when the registry loads, so a missing piece fails at import, not in
+the middle of a patch):
+- NAME, ALIASES, HF_ROPE_TYPE (the config's rope_type), KIND: "rope" (new frequencies) or "attention_bias"
+  (rotary off, attention functions swapped: alibi);
+- REMOTE_FILES (files of longctx_hf/remote/ written beside config.json; empty for native methods), REMOTE_CLASS
+  (the `auto_map` target in them, or None), SAVED_ATTENTION (the attn_implementation written into config.json, or
+  None), TRAINING_FREE (finetune refuses it);
+- a frozen `Spec` dataclass validated on construction, `rope_parameters(spec)` (the transformers-5 config dict)
+  and `max_position_embeddings(spec)`;
+- for KIND "rope" also `frequencies(spec, seq_len=None, device=None)` -> (float32 inv_freq, attention scaling) and
+  `attention_scaling(spec)`.
+Adding a method = one module here + one entry in METHODS.
 """
 from __future__ import annotations
 
@@ -14,18 +20,41 @@ import difflib
 from . import alibi, dynamic_ntk, dynamic_yarn, ntk, pi, self_extend, yarn
 from .base import remote_source
 
+KINDS = ("rope", "attention_bias")
+CONTRACT = {"NAME": str, "ALIASES": tuple, "HF_ROPE_TYPE": str, "KIND": str, "REMOTE_FILES": tuple,
+            "REMOTE_CLASS": (str, type(None)), "SAVED_ATTENTION": (str, type(None)), "TRAINING_FREE": bool}
+FUNCTIONS = {"rope": ("rope_parameters", "max_position_embeddings", "frequencies", "attention_scaling"),
+             "attention_bias": ("rope_parameters", "max_position_embeddings")}
+
+
+def check_method(module) -> None:
+    """A TypeError naming what a method module lacks (the registry's contract above)."""
+    for name, kind in CONTRACT.items():
+        if not isinstance(getattr(module, name, None), kind):
+            raise TypeError(f"method module {module.__name__} must define {name} ({kind})")
+    if module.KIND not in KINDS:
+        raise TypeError(f"method module {module.__name__}: KIND must be one of {KINDS}, got {module.KIND!r}")
+    missing = [name for name in FUNCTIONS[module.KIND] if not callable(getattr(module, name, None))]
+    if not isinstance(getattr(module, "Spec", None), type) or missing:
+        raise TypeError(f"method module {module.__name__} must define Spec and {', '.join(FUNCTIONS[module.KIND])}")
+    if bool(module.REMOTE_FILES) != (module.REMOTE_CLASS is not None):
+        raise TypeError(f"method module {module.__name__}: REMOTE_FILES and REMOTE_CLASS go together")
+
+
 METHODS = {module.NAME: module for module in (pi, ntk, dynamic_ntk, yarn, dynamic_yarn, self_extend, alibi)}
+for _module in METHODS.values():
+    check_method(_module)
 ALIASES = {alias: module.NAME for module in METHODS.values() for alias in module.ALIASES}
 
 
 def remote_code_files(method) -> dict:
     """{file name: source} a method's checkpoints carry so trust_remote_code loads them without longctx_hf."""
-    return {name: remote_source(name) for name in getattr(method, "REMOTE_FILES", ())}
+    return {name: remote_source(name) for name in method.REMOTE_FILES}
 
 
 def auto_map(method) -> dict:
     """The config's `auto_map` entries pointing at the method's remote code (empty for native methods)."""
-    return {"AutoModelForCausalLM": method.REMOTE_CLASS} if hasattr(method, "REMOTE_CLASS") else {}
+    return {"AutoModelForCausalLM": method.REMOTE_CLASS} if method.REMOTE_CLASS else {}
 
 
 def get_method(name):

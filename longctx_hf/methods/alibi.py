@@ -11,6 +11,7 @@ from dataclasses import dataclass
 NAME = "alibi"
 ALIASES = ()
 HF_ROPE_TYPE = "alibi"
+TRAINING_FREE = False
 KIND = "attention_bias"  # patch.py: disable the rotary and switch attention, instead of rebuilding frequencies
 REMOTE_MODULE = "alibi_modeling"
 REMOTE_CLASS = f"{REMOTE_MODULE}.AlibiForCausalLM"

@@ -8,6 +8,11 @@ from .base import RopeSpec, rope_inv_freq
 NAME = "dynamic_ntk"
 ALIASES = ("dynamic",)
 HF_ROPE_TYPE = "dynamic"
+KIND = "rope"
+REMOTE_FILES = ()
+REMOTE_CLASS = None
+SAVED_ATTENTION = None
+TRAINING_FREE = False
 
 
 @dataclass(frozen=True)
@@ -32,3 +37,8 @@ def rope_parameters(spec: Spec) -> dict:
 def max_position_embeddings(spec: Spec) -> int:
     # transformers uses max_position_embeddings as the pretrained length (the point where scaling starts).
     return spec.original_max_position_embeddings
+
+
+def attention_scaling(spec: Spec) -> float:
+    """No attention temperature: cos and sin keep scale 1."""
+    return 1.0

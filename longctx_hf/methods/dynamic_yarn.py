@@ -13,6 +13,9 @@ from .base import RopeSpec, rope_inv_freq
 NAME = "dynamic_yarn"
 ALIASES = ()
 HF_ROPE_TYPE = "dynamic_yarn"
+KIND = "rope"
+SAVED_ATTENTION = None
+TRAINING_FREE = False
 REMOTE_FILES = ("longctx_dynamic_rope.py", "longctx_compat.py")  # the first imports the second
 REMOTE_CLASS = "longctx_dynamic_rope.DynamicRopeForCausalLM"
 

@@ -11,6 +11,11 @@ from .base import RopeSpec, rope_inv_freq
 NAME = "ntk"
 ALIASES = ()
 HF_ROPE_TYPE = "default"
+KIND = "rope"
+REMOTE_FILES = ()
+REMOTE_CLASS = None
+SAVED_ATTENTION = None
+TRAINING_FREE = False
 
 
 @dataclass(frozen=True)
@@ -33,3 +38,8 @@ def rope_parameters(spec: Spec) -> dict:
 
 def max_position_embeddings(spec: Spec) -> int:
     return spec.extended_length
+
+
+def attention_scaling(spec: Spec) -> float:
+    """No attention temperature: cos and sin keep scale 1."""
+    return 1.0

@@ -8,6 +8,11 @@ from .base import RopeSpec, rope_inv_freq
 NAME = "pi"
 ALIASES = ("linear",)
 HF_ROPE_TYPE = "linear"
+KIND = "rope"
+REMOTE_FILES = ()
+REMOTE_CLASS = None
+SAVED_ATTENTION = None
+TRAINING_FREE = False
 
 
 @dataclass(frozen=True)
@@ -26,3 +31,8 @@ def rope_parameters(spec: Spec) -> dict:
 def max_position_embeddings(spec: Spec) -> int:
     # vLLM multiplies max_position_embeddings by `factor` for linear scaling: keep the pretrained length.
     return spec.original_max_position_embeddings
+
+
+def attention_scaling(spec: Spec) -> float:
+    """No attention temperature: cos and sin keep scale 1."""
+    return 1.0

@@ -19,6 +19,7 @@ from .base import RopeSpec, rope_inv_freq
 NAME = "self_extend"
 ALIASES = ("selfextend",)
 HF_ROPE_TYPE = "self_extend"
+KIND = "rope"
 # each file imports the next
 REMOTE_FILES = ("longctx_self_extend.py", "longctx_dynamic_rope.py", "longctx_compat.py")
 REMOTE_CLASS = "longctx_self_extend.SelfExtendForCausalLM"
@@ -102,3 +103,7 @@ def rope_parameters(spec: Spec) -> dict:
 def max_position_embeddings(spec: Spec) -> int:
     return spec.extended_length
 
+
+def attention_scaling(spec: Spec) -> float:
+    """No attention temperature: cos and sin keep scale 1."""
+    return 1.0

@@ -10,6 +10,11 @@ from .base import RopeSpec, check_number, rope_inv_freq
 NAME = "yarn"
 ALIASES = ()
 HF_ROPE_TYPE = "yarn"
+KIND = "rope"
+REMOTE_FILES = ()
+REMOTE_CLASS = None
+SAVED_ATTENTION = None
+TRAINING_FREE = False
 
 
 @dataclass(frozen=True)
