@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from longctx_hf import extend_context
+from longctx_hf import _compat, extend_context
 
 CONTEXT, STEPS, ROUNDS = 4096, 40, 3
 config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=9,
@@ -49,7 +49,7 @@ prompt = torch.randint(0, 1024, (1, CONTEXT))
 steps = {name: [] for name in models}
 prefill = {name: [] for name in models}
 with torch.no_grad():
-    filled = static(prompt, use_cache=True).past_key_values
+    filled = _compat.output_cache(static(prompt, use_cache=True))
     for _ in range(ROUNDS):
         for name, model in models.items():
             start = time.perf_counter()
@@ -58,9 +58,9 @@ with torch.no_grad():
             cache, token = copy.deepcopy(filled), prompt[:, -1:]
             for _ in range(STEPS):
                 start = time.perf_counter()
-                out = model(token, past_key_values=cache, use_cache=True)
+                out = model(token, **{_compat.cache_keyword(model): cache}, use_cache=True)
                 steps[name].append(time.perf_counter() - start)
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                cache, token = _compat.output_cache(out), out.logits[:, -1:].argmax(-1)
 
 base_step, base_prefill = statistics.median(steps["static RoPE"]), min(prefill["static RoPE"])
 print(f"decode step at {CONTEXT} tokens (median of {ROUNDS * STEPS}); "

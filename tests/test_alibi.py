@@ -11,7 +11,7 @@ import pytest
 import torch
 from models import tiny_model
 
-from longctx_hf import alibi_model_from_config, context_info, extend_context
+from longctx_hf import _compat, alibi_model_from_config, context_info, extend_context
 from longctx_hf.methods import alibi
 
 GQA = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)  # head_dim 16, 6 heads: not a power of 2
@@ -134,11 +134,12 @@ def test_cached_decoding_equals_recompute(gqa_alibi, attn):
     full = logits(gqa_alibi, ids)
     with torch.no_grad():
         out = gqa_alibi(ids[:, :25], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
+        steps, cache = [out.logits], _compat.output_cache(out)
+        keyword = _compat.cache_keyword(gqa_alibi)
         for t in range(25, 32):  # one token at a time
-            out = gqa_alibi(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = gqa_alibi(ids[:, t:t + 1], **{keyword: cache}, use_cache=True)
             steps.append(out.logits)
-        steps.append(gqa_alibi(ids[:, 32:], past_key_values=cache, use_cache=True).logits)  # a chunk of 8
+        steps.append(gqa_alibi(ids[:, 32:], **{keyword: cache}, use_cache=True).logits)  # a chunk of 8
     assert (torch.cat(steps, 1) - full).abs().max() < 2e-5
     gqa_alibi.set_attn_implementation("sdpa")
 

@@ -207,3 +207,35 @@ def test_cache_keyword_and_output_follow_the_installed_transformers():
         assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 3
         model(torch.zeros(1, 1, dtype=torch.long), use_cache=True, **{keyword: cache})
     assert cache.get_seq_length() == 4
+
+
+def test_one_registration_policy_the_first_copy_serves_and_another_version_says_so(tmp_path):
+    """A checkpoint's shipped copy of the runtime, loaded into a process that already registered one: the first
+    copy keeps serving; a copy of another runtime version warns instead of silently replacing it or being used."""
+    import importlib.util
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from longctx_hf.remote import alibi_modeling
+
+    alibi_modeling.register()
+    installed_rope, installed_sdpa = ROPE_INIT_FUNCTIONS["alibi"], ALL_ATTENTION_FUNCTIONS["alibi_sdpa"]
+    source = tmp_path / "copy"
+    source.mkdir()
+    compat_text = open(longctx_compat.__file__, encoding="utf-8").read()
+    (source / "longctx_compat.py").write_text(compat_text.replace('RUNTIME_VERSION = "', 'RUNTIME_VERSION = "0.'))
+    spec = importlib.util.spec_from_file_location("older_copy_compat", source / "longctx_compat.py")
+    older = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(older)
+    with pytest.warns(UserWarning, match="already registered by longctx-hf runtime version .* is not used"):
+        older.register_rope_type("alibi", lambda *args, **kwargs: None, None)
+    with pytest.warns(UserWarning, match="attention 'alibi_sdpa' is already registered"):
+        older.register_attention("alibi_sdpa", lambda *args, **kwargs: None, None)
+    assert ROPE_INIT_FUNCTIONS["alibi"] is installed_rope and ALL_ATTENTION_FUNCTIONS["alibi_sdpa"] is installed_sdpa
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same version registering again: silent, nothing replaced
+        alibi_modeling.register()
+    assert ROPE_INIT_FUNCTIONS["alibi"] is installed_rope

@@ -12,7 +12,7 @@ import torch
 from models import tiny_model
 from test_dynamic_cache import REPO, generate, recompute, run
 
-from longctx_hf import extend_context, from_pretrained, methods
+from longctx_hf import _compat, extend_context, from_pretrained, methods
 from longctx_hf.checkpoint import extend_checkpoint
 from longctx_hf.methods import self_extend
 from longctx_hf.remote import longctx_self_extend as runtime
@@ -161,7 +161,7 @@ def test_prefill_in_chunks_with_a_cache_equals_one_forward():
     with torch.no_grad():
         full = model(ids).logits
         first = model(ids[:, :90], use_cache=True)
-        second = model(ids[:, 90:], past_key_values=first.past_key_values, use_cache=True)
+        second = model(ids[:, 90:], **{_compat.cache_keyword(model): _compat.output_cache(first)}, use_cache=True)
     chunked = torch.cat([first.logits, second.logits], dim=1)
     assert (chunked - full).abs().max().item() <= 1e-5
 

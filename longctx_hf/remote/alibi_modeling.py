@@ -17,9 +17,7 @@ import math
 import types
 
 import torch
-from transformers import AttentionInterface
 from transformers.masking_utils import (
-    AttentionMaskInterface,
     eager_mask,
     flash_attention_mask,
     flex_attention_mask,
@@ -211,14 +209,13 @@ def keep_alibi_on_switch(model):
 
 
 def register():
-    compat.register_rope_init(ROPE_TYPE, _rotary_off, replace=True)
-    compat.register_rope_validator(ROPE_TYPE, compat.default_rope_validator())
+    """Make rope_type 'alibi' loadable and register the ALiBi attention + mask functions (idempotent)."""
+    compat.register_rope_type(ROPE_TYPE, _rotary_off, compat.default_rope_validator())
     for name, forward, mask in (("alibi_eager", alibi_eager_forward, eager_mask),
                                 ("alibi_sdpa", alibi_sdpa_forward, sdpa_mask),
                                 ("alibi_flex_attention", alibi_flex_forward, flex_attention_mask),
                                 ("alibi_fa2", alibi_fa2_forward, flash_attention_mask)):
-        AttentionInterface.register(name, forward)
-        AttentionMaskInterface.register(name, mask)
+        compat.register_attention(name, forward, mask)
 
 
 register()

@@ -18,6 +18,7 @@ import torch
 import transformers
 
 TESTED_TRANSFORMERS = ("5.0.0", "5.24.0")  # the lowest and the newest release the whole suite runs on
+RUNTIME_VERSION = "2"  # of the shipped runtime files as a set; raise it whenever their behaviour changes
 # Cache layer classes whose keys are the tokens seen so far, in order (what "keys cached before rotation" needs)
 DYNAMIC_CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
 
@@ -194,13 +195,49 @@ def _check_rope_init_functions():
     return None
 
 
-def register_rope_init(rope_type: str, init_function, replace: bool = False) -> None:
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+# One registration policy for every shipped runtime: the first copy registered in a process serves the whole
+# process (the installed package's, or a checkpoint's shipped copy loaded earlier with trust_remote_code); a later
+# copy with another RUNTIME_VERSION is not used, and says so.
+def _registered_first(existing, what: str) -> bool:
+    """True if `existing` (a registered function or None) is kept; warns when it came from another version."""
+    if existing is None:
+        return False
+    version = getattr(existing, "_longctx_runtime_version", None)
+    if version != RUNTIME_VERSION:
+        warnings.warn(f"{what} is already registered by longctx-hf runtime version {version}; this copy (version "
+                      f"{RUNTIME_VERSION}) is not used in this process. Load checkpoints of one version per process",
+                      stacklevel=3)
+    return True
 
-    if replace:
-        ROPE_INIT_FUNCTIONS[rope_type] = init_function
-    else:
-        ROPE_INIT_FUNCTIONS.setdefault(rope_type, init_function)
+
+def _stamp(function):
+    function._longctx_runtime_version = RUNTIME_VERSION
+    return function
+
+
+def register_rope_type(rope_type: str, init_function, validator) -> None:
+    """Make transformers build rotary modules of `rope_type` with `init_function` and validate its configs with
+    `validator(config, rope_parameters, ignore_keys)`."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RotaryEmbeddingConfigMixin
+
+    if not _registered_first(ROPE_INIT_FUNCTIONS.get(rope_type), f"rope_type {rope_type!r}"):
+        ROPE_INIT_FUNCTIONS[rope_type] = _stamp(init_function)
+    name = f"_validate_{rope_type}_rope_parameters"
+    if not hasattr(RotaryEmbeddingConfigMixin, name):
+        setattr(RotaryEmbeddingConfigMixin, name, validator)
+
+
+def register_attention(name: str, function, mask_function) -> None:
+    """Register an attention function and its mask function under one name (without the mask function,
+    transformers would pass attention_mask=None: padding silently ignored)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    existing = ALL_ATTENTION_FUNCTIONS[name] if name in ALL_ATTENTION_FUNCTIONS.valid_keys() else None
+    if not _registered_first(existing, f"attention {name!r}"):
+        AttentionInterface.register(name, _stamp(function))
+        AttentionMaskInterface.register(name, mask_function)
 
 
 def rope_init_function(rope_type: str):
@@ -228,15 +265,6 @@ def _check_rope_validators():
     if not calls:
         return f"building a config with rope_type 'longctx_probe' did not call RotaryEmbeddingConfigMixin.{name}"
     return None
-
-
-def register_rope_validator(rope_type: str, validator) -> None:
-    """Make transformers validate `rope_type` configs with `validator(config, rope_parameters, ignore_keys)`."""
-    from transformers.modeling_rope_utils import RotaryEmbeddingConfigMixin
-
-    name = f"_validate_{rope_type}_rope_parameters"
-    if not hasattr(RotaryEmbeddingConfigMixin, name):
-        setattr(RotaryEmbeddingConfigMixin, name, validator)
 
 
 def default_rope_validator():

@@ -29,8 +29,7 @@ import os
 import tempfile
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import longctx_compat as compat
@@ -248,13 +247,9 @@ def _validate_dynamic_yarn_rope_parameters(config, rope_parameters, ignore_keys=
 
 def register():
     """Make rope_type 'dynamic_yarn' loadable and register the wrapped attention + mask functions (idempotent)."""
-    compat.register_rope_init("dynamic_yarn", compute_dynamic_yarn_parameters)
-    compat.register_rope_validator("dynamic_yarn", _validate_dynamic_yarn_rope_parameters)
+    compat.register_rope_type("dynamic_yarn", compute_dynamic_yarn_parameters, _validate_dynamic_yarn_rope_parameters)
     for base in WRAPPABLE_ATTENTION:
-        name = ATTENTION_PREFIX + base
-        if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
-            AttentionInterface.register(name, _dispatching_attention)
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        compat.register_attention(ATTENTION_PREFIX + base, _dispatching_attention, ALL_MASK_ATTENTION_FUNCTIONS[base])
 
 
 def _rotary_modules(model):

@@ -28,9 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from . import longctx_compat as compat
 from . import longctx_dynamic_rope as shared
@@ -299,11 +297,8 @@ def _validate_self_extend_rope_parameters(config, rope_parameters, ignore_keys=N
 
 def register():
     """Make rope_type 'self_extend' loadable and register the attention + mask functions (idempotent)."""
-    compat.register_rope_init(ROPE_TYPE, compute_self_extend_parameters)
-    compat.register_rope_validator(ROPE_TYPE, _validate_self_extend_rope_parameters)
-    if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS.valid_keys():
-        AttentionInterface.register(ATTENTION_NAME, _dispatching_attention)
-        AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    compat.register_rope_type(ROPE_TYPE, compute_self_extend_parameters, _validate_self_extend_rope_parameters)
+    compat.register_attention(ATTENTION_NAME, _dispatching_attention, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def current_base(model):
