@@ -5,10 +5,10 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from fresh_process import run_python
 from models import tiny_model
 
 from longctx_hf import _compat, alibi_model_from_config, context_info, extend_context
@@ -159,13 +159,6 @@ def test_batched_generate_matches_single(gqa_alibi):
 
 CHILD_WITHOUT_LONGCTX = r"""
 import sys
-sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
-try:
-    import longctx_hf
-except ModuleNotFoundError:
-    pass
-else:
-    raise SystemExit("longctx_hf is importable in the child: " + longctx_hf.__file__)
 import torch
 from transformers import AutoModelForCausalLM
 folder = sys.argv[1]
@@ -206,15 +199,9 @@ print("refused")
 
 CHILD_PLAIN = r"""
 import sys
-sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
 from transformers import AutoModelForCausalLM
 AutoModelForCausalLM.from_pretrained(sys.argv[1])
 """
-
-
-def run_child(code, folder, cwd):
-    return subprocess.run([sys.executable, "-I", "-c", code, folder], capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
 
 
 def test_reload_in_fresh_processes(tmp_path):
@@ -230,17 +217,16 @@ def test_reload_in_fresh_processes(tmp_path):
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].startswith(
         "alibi_modeling.")
 
-    out = run_child(CHILD_WITHOUT_LONGCTX, str(folder), tmp_path)
+    out = run_python(CHILD_WITHOUT_LONGCTX, folder, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     same, eager_error = out.stdout.split()[-2:]
     assert same == "True" and float(eager_error) < 2e-5
 
-    env_code = f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n" + CHILD_WITH_LONGCTX
-    out = run_child(env_code, str(folder), tmp_path)
+    out = run_python(CHILD_WITH_LONGCTX, folder, cwd=tmp_path, with_longctx_hf=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-3:] == ["True", "alibi_sdpa", "refused"]
 
-    out = run_child(CHILD_PLAIN, str(folder), tmp_path)  # neither: a loud failure, never a silent RoPE model
+    out = run_python(CHILD_PLAIN, folder, cwd=tmp_path)  # neither: a loud failure, never a silent RoPE model
     assert out.returncode != 0 and "alibi" in out.stderr
 
 
@@ -305,7 +291,7 @@ def test_offline_extend_writes_the_same_alibi_checkpoint(tmp_path):
 
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(5))
     torch.save({"ids": ids, "logits": logits(model, ids)}, tmp_path / "offline" / "expected.pt")
-    out = run_child(CHILD_WITHOUT_LONGCTX, str(tmp_path / "offline"), tmp_path)
+    out = run_python(CHILD_WITHOUT_LONGCTX, tmp_path / "offline", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-2] == "True"
 

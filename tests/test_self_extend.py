@@ -5,12 +5,12 @@ Tiny models pretrained to L = 64 tokens, neighbour window W = 16, group size G =
 G * (L - W + W // G) = 300 tokens.
 """
 import json
-import sysconfig
 
 import pytest
 import torch
+from fresh_process import run_json
 from models import tiny_model
-from test_dynamic_cache import REPO, generate, recompute, run
+from test_dynamic_cache import generate, recompute
 
 from longctx_hf import _compat, extend_context, from_pretrained, methods
 from longctx_hf.checkpoint import extend_checkpoint
@@ -257,9 +257,7 @@ def test_reextending_replaces_self_extend_and_back():
 
 # ------------------------------------------------------------------------------------------------ reloading
 PLAIN_RELOAD = r"""
-import importlib.util, json, sys
-sys.path.append(sys.argv[2])  # site-packages without its .pth files: the editable longctx_hf is not importable
-assert importlib.util.find_spec("longctx_hf") is None
+import json, sys
 import torch
 from transformers import AutoModelForCausalLM
 folder = sys.argv[1]
@@ -276,7 +274,6 @@ out = model.generate(data["ids"][:, :40], max_new_tokens=80, min_new_tokens=80, 
                      output_logits=True, return_dict_in_generate=True, pad_token_id=0)
 with torch.no_grad():
     full = model(out.sequences).logits[0, 39:-1]
-assert not [name for name in sys.modules if name.startswith("longctx_hf")], "longctx_hf was imported"
 print(json.dumps({"plain_error": plain_error, "attention": model.config._attn_implementation,
                   "equal": torch.equal(logits, data["logits"]),
                   "cache_error": (torch.stack(out.logits, 1)[0] - full).abs().max().item()}))
@@ -318,10 +315,10 @@ def test_reload_in_fresh_processes_and_the_offline_rewriter(tmp_path):
     for name in self_extend.REMOTE_FILES:
         assert (tmp_path / "offline" / name).read_text() == (folder / name).read_text()
 
-    plain = run(PLAIN_RELOAD, [str(folder), sysconfig.get_paths()["purelib"]], tmp_path)
+    plain = run_json(PLAIN_RELOAD, folder, cwd=tmp_path)
     assert plain["plain_error"] is not None  # never silently plain RoPE
     assert plain["attention"] == "longctx_self_extend" and plain["equal"] and plain["cache_error"] <= 1e-4
-    exact = run(LONGCTX_RELOAD, [str(folder)], tmp_path, pythonpath=str(REPO))
+    exact = run_json(LONGCTX_RELOAD, folder, cwd=tmp_path, with_longctx_hf=True)
     assert exact == {"equal": [True, True], "attention": "longctx_self_extend", "info": "self_extend"}
 
 

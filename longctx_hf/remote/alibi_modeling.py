@@ -181,9 +181,7 @@ def _rotary_off(config, device=None, seq_len=None, layer_type=None):
                          "information. Load it with longctx_hf.from_pretrained(path) or "
                          "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True), and pick the attention "
                          f"among {sorted(ATTENTION_NAMES.values())}")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rotary_dim = int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
-    return torch.zeros(rotary_dim // 2, dtype=torch.float32, device=device), 1.0
+    return torch.zeros(compat.rotary_dim(config) // 2, dtype=torch.float32, device=device), 1.0
 
 
 def alibi_attention_name(requested) -> str:
@@ -232,12 +230,9 @@ class AlibiForCausalLM:
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         from transformers import AutoConfig
 
-        kwargs.pop("trust_remote_code", None)
         if config is None:
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
         kwargs["attn_implementation"] = alibi_attention_name(kwargs.get("attn_implementation")
                                                              or config._attn_implementation)
-        compat.require("models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING")
-        model_class = compat.causal_lm_class(config)
-        model = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        model = compat.load_native_causal_lm(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         return keep_alibi_on_switch(model)

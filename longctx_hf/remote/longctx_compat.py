@@ -380,6 +380,25 @@ def causal_lm_class(config):
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
 
+def load_native_causal_lm(pretrained_model_name_or_path, *args, config=None, **kwargs):
+    """The transformers class the config's model_type names, loaded without remote code (what every shipped
+    runtime's `auto_map` target loads before installing itself)."""
+    from transformers import AutoConfig
+
+    require("models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING")
+    kwargs.pop("trust_remote_code", None)
+    if config is None:
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+    return causal_lm_class(config).from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+
+
+def rotary_dim(config) -> int:
+    """The rotary dimension a transformers 5 rotary module builds: head_dim (or hidden_size / heads) times
+    rope_parameters' partial_rotary_factor."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+
+
 # ------------------------------------------------------------------- torch: CPU flash attention with log-sum-exp
 def _flash_cpu_op():
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -64,8 +64,7 @@ def compute_dynamic_yarn_parameters(config, device=None, seq_len=None, layer_typ
     base = float(rope["rope_theta"])
     original = int(rope["original_max_position_embeddings"])
     beta_fast, beta_slow = float(rope.get("beta_fast", 32.0)), float(rope.get("beta_slow", 1.0))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    dim = compat.rotary_dim(config)
     n = original if seq_len is None else int(seq_len)
     scale = max(1.0, n / original)
     if scale <= 1:  # plain RoPE, computed exactly as transformers' default rope does (same float32 bits)
@@ -460,19 +459,7 @@ class DynamicRopeForCausalLM:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
         register()
-        return activate(load_native_causal_lm(pretrained_model_name_or_path, *args, config=config, **kwargs))
-
-
-def load_native_causal_lm(pretrained_model_name_or_path, *args, config=None, **kwargs):
-    """The transformers class the config's model_type names, loaded without remote code."""
-    from transformers import AutoConfig
-
-    compat.require("models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING")
-    kwargs.pop("trust_remote_code", None)
-    if config is None:
-        config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
-    model_class = compat.causal_lm_class(config)
-    return model_class.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+        return activate(compat.load_native_causal_lm(pretrained_model_name_or_path, *args, config=config, **kwargs))
 
 
 register()

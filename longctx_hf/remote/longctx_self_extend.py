@@ -55,8 +55,7 @@ def compute_self_extend_parameters(config, device=None, seq_len=None, layer_type
                          "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
     config.standardize_rope_params()
     rope = config.rope_parameters
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    dim = compat.rotary_dim(config)
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
     return 1.0 / (float(rope["rope_theta"]) ** exponents), 1.0
 
@@ -403,7 +402,7 @@ class SelfExtendForCausalLM(shared.DynamicRopeForCausalLM):
         if config is None:
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
         base = base_attention_name(kwargs.pop("attn_implementation", None) or config._attn_implementation)
-        model = shared.load_native_causal_lm(pretrained_model_name_or_path, *args, config=config,
+        model = compat.load_native_causal_lm(pretrained_model_name_or_path, *args, config=config,
                                              attn_implementation=ATTENTION_NAME, **kwargs)
         return activate(model, base)
 
