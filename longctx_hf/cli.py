@@ -45,6 +45,8 @@ def _info(args) -> int:
     print(f"extended length:     {info.extended_length}")
     print(f"attention scaling:   {info.attention_scaling:.6g}")
     print(f"rope_theta:          {info.rope_theta}")
+    if info.pretrained_rope_theta not in (None, info.rope_theta):
+        print(f"pretrained rope_theta: {info.pretrained_rope_theta}")
     if info.options:
         print(f"options:             {info.options}")
     print("loads with:          " + ("plain transformers" if info.loads_with_plain_transformers

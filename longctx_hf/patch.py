@@ -7,6 +7,7 @@ paper formula, and only then write config and buffers. Reload is therefore bit-i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import torch
@@ -201,8 +202,7 @@ def context_info(model_or_config) -> ContextInfo:
     scaling = float(getattr(rotaries[0], "attention_scaling", 1.0))
     if runtimes.runtime_for(config.rope_parameters.get("rope_type")) is not None:
         scaling = info.attention_scaling  # the rotary module is the identity; the value at the extended length
-    return ContextInfo(info.method, info.factor, info.pretrained_length, info.extended_length, scaling,
-                       info.rope_theta, info.options, info.loads_with_plain_transformers, info.warnings)
+    return dataclasses.replace(info, attention_scaling=scaling)
 
 
 def alibi_model_from_config(config, max_length=None, **from_config_kwargs):
