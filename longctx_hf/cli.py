@@ -74,12 +74,34 @@ def _option_value(text: str):
         return text
 
 
+def _factors_file(path, options) -> dict:
+    """--factors FILE.json: a list (one factor per rotary frequency) or {"long_factor": [...], ...} (longrope)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--factors {path}: cannot read a JSON file ({err})") from None
+    factors = {"long_factor": data} if isinstance(data, list) else data
+    if not isinstance(factors, dict) or not set(factors) <= {"long_factor", "short_factor", "attention_factor"}:
+        raise ValueError(f"--factors {path} must hold a list of numbers or an object with long_factor (and "
+                         "optionally short_factor, attention_factor)")
+    given_twice = sorted(set(factors) & set(options))
+    if given_twice:
+        raise ValueError(f"--factors {path} and --{given_twice[0].replace('_', '-')} both give {given_twice[0]}")
+    return factors
+
+
 def _extend(args) -> int:
     from .checkpoint import extend_checkpoint
     from .hf_config import describe
 
     options = {name.removeprefix("option_"): value for name, value in vars(args).items()
                if name.startswith("option_") and value is not None}
+    if args.factors:
+        try:
+            options.update(_factors_file(args.factors, options))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.private and not args.push_to_hub:
         print("error: --private applies to the Hub repo of --push-to-hub; give --push-to-hub REPO_ID or drop "
               "--private", file=sys.stderr)
@@ -228,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     extend.add_argument("--eval-results", help="results.json from the evaluation, for the model card")
     extend.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the output folder to this repo")
     extend.add_argument("--private", action="store_true", help="create the Hub repo private")
+    extend.add_argument("--factors", metavar="FILE.json", help="longrope: per-frequency factors (a JSON list, or "
+                                                                "an object with long_factor, short_factor)")
     for option in sorted({name for module in METHODS.values() for name in module.Spec.option_names()}):
         extend.add_argument("--" + option.replace("_", "-"), dest="option_" + option, type=_option_value,
                             help="method option (see `longctx-hf methods`)")

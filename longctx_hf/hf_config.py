@@ -281,10 +281,12 @@ ENGINE_WARNINGS = {
 
 
 def _temperature(method, factor, rope_theta, original_length, options) -> float:
-    """A method's attention scaling from config values alone (the rotary dim does not enter it)."""
+    """A method's attention scaling from config values alone (the rotary dim does not enter it, but per-frequency
+    factor lists must match it)."""
     if method.KIND != "rope":
         return 1.0
-    spec = method.Spec(factor=factor, rope_theta=rope_theta, rotary_dim=2,
+    rotary_dim = 2 * len(options["long_factor"]) if "long_factor" in options else 2
+    spec = method.Spec(factor=factor, rope_theta=rope_theta, rotary_dim=rotary_dim,
                        original_max_position_embeddings=original_length, **options)
     return method.attention_scaling(spec)
 
@@ -328,7 +330,8 @@ def describe(config: dict) -> ContextInfo:
     scaling = _temperature(method, factor, theta, original, options) if method and factor > 1 else 1.0
     extended = int(round(original * factor)) if original else None
     name = method.NAME if method else RUNTIME_NAMES.get(rope["rope_type"], rope["rope_type"])
-    plain = rope["rope_type"] in RUNTIME_NAMES or (not record and rope["rope_type"] in ("llama3", "longrope"))
+    plain = rope["rope_type"] in RUNTIME_NAMES or rope["rope_type"] == "longrope" or (
+        not record and rope["rope_type"] == "llama3")
     warnings += ENGINE_WARNINGS.get(rope["rope_type"], [])
     return ContextInfo(name, factor, original, extended, scaling, rope.get("rope_theta"), options if record else {},
                        plain, tuple(warnings), pretrained_rope_theta=theta)

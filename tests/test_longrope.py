@@ -1,0 +1,106 @@
+"""LongRoPE (method `longrope`): per-frequency factors, exact against the paper's formula and transformers' own
+longrope init, a native config that plain transformers reloads to identical logits, clear refusals."""
+import json
+import math
+
+import pytest
+import torch
+from fresh_process import run_json
+from models import tiny_model
+from test_cli import run
+from test_methods import paper_inv_freq, paper_yarn
+from test_roundtrip import RELOAD
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from longctx_hf import context_info, extend_context, methods
+
+L = 256
+
+
+def spec(d=64, theta=1e5, length=8192, s=4.0, **options):
+    return methods.build_spec(methods.longrope, factor=s, rope_theta=theta, rotary_dim=d,
+                              original_max_position_embeddings=length, options=options)
+
+
+@pytest.mark.parametrize("d,theta,length,s", [(64, 1e5, 8192, 2.0), (128, 5e5, 4096, 8.0), (96, 1e4, 2048, 3.5)])
+def test_formula_matches_the_paper_and_transformers(d, theta, length, s):
+    factors = [1.0 + 0.5 * i for i in range(d // 2)]  # any non-decreasing list >= 1
+    sp = spec(d, theta, length, s, long_factor=factors)
+    inv, scaling = methods.longrope.frequencies(sp)
+    want = torch.tensor([f / lam for f, lam in zip(paper_inv_freq(theta, d), factors)], dtype=torch.float64)
+    assert inv.dtype == torch.float32 and ((inv.double() - want).abs() / want).max().item() <= 1e-6
+    assert scaling == pytest.approx(math.sqrt(1 + math.log(s) / math.log(length)), rel=1e-12)
+    heads = 4
+    config = LlamaConfig(hidden_size=d * heads, num_attention_heads=heads, max_position_embeddings=int(length * s),
+                         rope_parameters=methods.longrope.rope_parameters(sp))
+    for n in (None, 2 * length):  # transformers' short set below L, long set past it: the same list here
+        theirs, their_scaling = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=n)
+        assert ((inv.double() - theirs.double()).abs() / theirs.double()).max().item() <= 2e-6
+        assert their_scaling == pytest.approx(scaling, rel=1e-12)
+
+
+def test_default_factors_are_yarns_ramp():
+    """Without factors: YaRN's frequencies written as LongRoPE factors (the seed of the LongRoPE search)."""
+    sp = spec(64, 1e4, 4096, 8.0)
+    want, _ = paper_yarn(1e4, 64, 4096, 8.0)
+    inv, _ = methods.longrope.frequencies(sp)
+    assert ((inv.double() - torch.tensor(want)).abs() / torch.tensor(want)).max().item() <= 1e-6
+    assert sp.long_factor[0] == 1.0 and sp.long_factor[-1] == pytest.approx(8.0)
+    assert sp.short_factor == sp.long_factor
+
+
+@pytest.mark.parametrize("options,error,match", [
+    ({"long_factor": [1.0] * 31}, ValueError, "rotary_dim / 2 = 32 numbers.*got 31"),
+    ({"long_factor": [1.0] * 31 + [float("nan")]}, ValueError, r"long_factor\[31\] must be a finite"),
+    ({"long_factor": [1.0] * 31 + [0.5]}, ValueError, r"long_factor\[31\] must be >= 1"),
+    ({"long_factor": "1,2"}, TypeError, "long_factor must be a list of 32 numbers"),
+    ({"long_factor": [1.0] * 32, "short_factor": [1.0] * 31 + [2.0]}, ValueError, "short_factor must equal"),
+    ({"attention_factor": 0.0}, ValueError, "attention_factor must be > 0"),
+])
+def test_bad_factors_are_refused_before_the_model_changes(options, error, match):
+    model = tiny_model("llama", max_position_embeddings=L, head_dim=64)
+    before = model.config.to_dict()
+    with pytest.raises(error, match=match):
+        extend_context(model, "longrope", 4, **options)
+    assert model.config.to_dict() == before
+
+
+def test_native_config_reloads_with_plain_transformers_to_identical_logits(tmp_path):
+    folders = []
+    for kind in ("llama", "gpt_neox"):  # gpt_neox: partial rotary
+        model = tiny_model(kind, max_position_embeddings=L)
+        rotary_half = [m for m in model.modules() if hasattr(m, "inv_freq")][0].inv_freq.numel()
+        factors = [1.0 + 3.0 * i / (rotary_half - 1) for i in range(rotary_half)]
+        extend_context(model, "longrope", 4, long_factor=factors, attention_factor=1.2)
+        saved = model.config.to_dict()
+        assert saved["rope_parameters"]["long_factor"] == saved["rope_parameters"]["short_factor"] == factors
+        assert saved["rope_scaling"]["type"] == "longrope" and saved["max_position_embeddings"] == 4 * L
+        info = context_info(model)
+        assert info.method == "longrope" and info.attention_scaling == pytest.approx(1.2)
+        ids = torch.randint(0, 128, (1, 3 * L), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            logits = model(ids).logits
+        folder = tmp_path / kind
+        model.save_pretrained(folder)
+        torch.save({"ids": ids, "logits": logits}, folder / "expected.pt")
+        folders.append(str(folder))
+    assert run_json(RELOAD, json.dumps(folders), cwd=tmp_path) == {folder: True for folder in folders}
+
+
+def test_offline_rewriter_and_factors_file(tmp_path):
+    model = tiny_model("llama", max_position_embeddings=L)
+    model.save_pretrained(tmp_path / "src")
+    factors = [1.0 + i / 7 for i in range(8)]  # head_dim 16: 8 frequencies
+    (tmp_path / "factors.json").write_text(json.dumps(factors))
+    out = run("extend", str(tmp_path / "src"), "--method", "longrope", "--factor", "4", "--factors",
+              str(tmp_path / "factors.json"), "--output", str(tmp_path / "offline"))
+    assert out.returncode == 0, out.stderr
+    extend_context(model, "longrope", 4, long_factor=factors)
+    model.save_pretrained(tmp_path / "memory")
+    offline = json.loads((tmp_path / "offline" / "config.json").read_text())
+    assert offline == json.loads((tmp_path / "memory" / "config.json").read_text())
+    bad = run("extend", str(tmp_path / "src"), "--method", "longrope", "--factor", "4", "--factors",
+              str(tmp_path / "factors.json"), "--long-factor", json.dumps(factors), "--output", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "both give long_factor" in bad.stderr and not (tmp_path / "x").exists()
+
