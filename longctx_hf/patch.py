@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import math
 
 import torch
 
 from . import _compat, hf_config, methods, runtimes
 from .hf_config import ContextInfo
-from .remote import longctx_self_extend as self_extend_runtime  # registers rope_type 'self_extend' on import
 
 FORMULA_RTOL = 2e-6
 # from_pretrained keywords that also locate or trust the config (the rest are the model's)
@@ -77,8 +77,8 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
         hf_config.apply_to_config(new_config, changes)
     except Exception as err:  # e.g. Phi3Config only admits rope_type 'longrope'
         raise ValueError(f"{type(config).__name__} rejects rope_type {module.HF_ROPE_TYPE!r}: {err}") from err
-    if module.HF_ROPE_TYPE == self_extend_runtime.ROPE_TYPE:  # its rotary is built for SelfExtend attention only
-        _compat.set_attention_implementation(new_config, self_extend_runtime.ATTENTION_NAME)
+    if module.SAVED_ATTENTION:  # a rotary built for one attention only checks that the config names it
+        _compat.set_attention_implementation(new_config, module.SAVED_ATTENTION)
     device = rotaries[0].inv_freq.device
     try:
         fresh = _fresh_rotary(rotaries[0], new_config, device)
@@ -109,18 +109,14 @@ def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .remote import alibi_modeling
+    from .remote import alibi_modeling  # noqa: F401  (registers rope_type 'alibi' before its config is read)
 
     base = kwargs.get("attn_implementation")  # None: what the config names
     config = kwargs.pop("config", None)
     if config is None:
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **{
             key: kwargs[key] for key in CONFIG_LOADING_KEYWORDS if key in kwargs})
-    # rope types whose rotary is built for one attention only: their loader names it (transformers releases
-    # differ on whether they honour the attn_implementation saved in config.json)
-    loaders = {alibi_modeling.ROPE_TYPE: alibi_modeling.AlibiForCausalLM,
-               self_extend_runtime.ROPE_TYPE: self_extend_runtime.SelfExtendForCausalLM}
-    loader = loaders.get(config.to_dict().get("rope_parameters", {}).get("rope_type"))
+    loader = _own_attention_loader(config.to_dict().get("rope_parameters", {}).get("rope_type"))
     if loader is not None and not kwargs.get("trust_remote_code"):
         return loader.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
@@ -129,6 +125,17 @@ def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
     if runtime is not None and not runtime.is_active(model):  # (trust_remote_code=True: the shipped code did it)
         runtime.activate(model, base)
     return model
+
+
+def _own_attention_loader(rope_type):
+    """The shipped `auto_map` class of a method whose rotary is built for its own attention only (SAVED_ATTENTION):
+    it names that attention when loading, since transformers releases differ on whether they honour the
+    attn_implementation saved in config.json."""
+    for method in methods.METHODS.values():
+        if method.HF_ROPE_TYPE == rope_type and method.SAVED_ATTENTION:
+            module_name, class_name = method.REMOTE_CLASS.split(".")
+            return getattr(importlib.import_module(f".remote.{module_name}", __package__), class_name)
+    return None
 
 
 def _extend_with_attention_bias(model, module, rotaries, config, factor, target_length,

@@ -11,6 +11,7 @@ import torch
 import transformers
 from huggingface_hub import ModelCard
 from models import tiny_model
+from packaging.version import Version
 from test_cli import run
 from test_roundtrip import ARCHITECTURES, reload_in_fresh_process
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -128,10 +129,7 @@ IGNORED_PARTIAL_ROTARY_BEFORE = {"bamba": "5.15.0"}
 
 
 def _installed_before(version):
-    def parts(v):
-        return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in v.split(".")[:3])
-
-    return parts(transformers.__version__) < parts(version)
+    return Version(transformers.__version__).release < Version(version).release
 
 
 def test_rotary_dim_of_is_right_or_refuses_for_every_transformers_model_type():

@@ -16,6 +16,8 @@ import warnings
 
 import torch
 import transformers
+from packaging.version import Version  # a transformers dependency
+from transformers.cache_utils import Cache
 
 TESTED_TRANSFORMERS = ("5.0.0", "5.24.0")  # the lowest and the newest release the whole suite runs on
 RUNTIME_VERSION = "2"  # of the shipped runtime files as a set; raise it whenever their behaviour changes
@@ -79,25 +81,19 @@ def forget_results() -> None:
     _RESULTS.clear()
 
 
-def _version_tuple(version: str) -> tuple:
-    parts = []
-    for piece in version.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def is_newer_than_tested(version: str | None = None) -> bool:
     version = transformers.__version__ if version is None else version
-    return _version_tuple(version) > _version_tuple(TESTED_TRANSFORMERS[1])
+    return Version(version).release > Version(TESTED_TRANSFORMERS[1]).release
 
 
-_warned = []
+_warned = []  # holds one entry once the installed version has been checked (require runs on hot paths too)
 
 
 def _warn_if_untested():
-    if is_newer_than_tested() and not _warned:
-        _warned.append(True)
+    if _warned:
+        return
+    _warned.append(True)
+    if is_newer_than_tested():
         warnings.warn(f"transformers {transformers.__version__} is newer than the newest release longctx_hf was tested "
                       f"with ({TESTED_TRANSFORMERS[1]}); every internal it relies on passed its contract check",
                       stacklevel=3)
@@ -318,8 +314,6 @@ def _check_cache_layers():
 
 def caches_in(args, kwargs):
     """Every transformers Cache among a call's arguments, whatever the keyword (past_key_values, cache, ...)."""
-    from transformers.cache_utils import Cache
-
     return [value for value in (*args, *kwargs.values()) if isinstance(value, Cache)]
 
 
