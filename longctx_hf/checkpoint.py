@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import hf_config, hub, methods, model_card
+from . import engines, hf_config, hub, methods, model_card
 from .repo_id import looks_like_repo_id
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -61,6 +61,7 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
                              remote_code=bool(remote_files), name=card_name or str(dst_dir))
     files = {"config.json": json.dumps(new_config, indent=2, sort_keys=True) + "\n", "README.md": card,
              **remote_files}
+    engines.warn_about_engines(hf_config.describe(new_config))
     if in_place:
         _replace_files(src_dir, files, plots)
         return dst_dir

@@ -51,6 +51,9 @@ def _info(args) -> int:
         print(f"options:             {info.options}")
     print("loads with:          " + ("plain transformers" if info.loads_with_plain_transformers
                                       else "trust_remote_code=True"))
+    if info.engines:
+        print("engines:             " + "; ".join(f"{engine}: {verdict}" for engine, verdict in info.engines.items())
+              + " (measured: same / refuses / different)")
     for warning in info.warnings:
         print(f"warning: {warning}")
     return 0
@@ -91,7 +94,10 @@ def _factors_file(path, options) -> dict:
 
 
 def _extend(args) -> int:
+    import warnings
+
     from .checkpoint import extend_checkpoint
+    from .engines import EngineWarning
     from .hf_config import describe
 
     options = {name.removeprefix("option_"): value for name, value in vars(args).items()
@@ -111,15 +117,19 @@ def _extend(args) -> int:
             from .repo_id import check_repo_id
 
             check_repo_id(args.push_to_hub)
-        dst = extend_checkpoint(args.src, args.output, args.method, args.factor, target_length=args.target_length,
-                                original_max_position_embeddings=args.original, overwrite=args.overwrite,
-                                in_place=args.in_place, eval_results=args.eval_results, link=not args.copy,
-                                revision=args.revision, card_name=args.push_to_hub, **options)
+        with warnings.catch_warnings():  # printed below with the config's other warnings
+            warnings.simplefilter("ignore", EngineWarning)
+            dst = extend_checkpoint(args.src, args.output, args.method, args.factor, target_length=args.target_length,
+                                    original_max_position_embeddings=args.original, overwrite=args.overwrite,
+                                    in_place=args.in_place, eval_results=args.eval_results, link=not args.copy,
+                                    revision=args.revision, card_name=args.push_to_hub, **options)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     info = describe(json.loads((dst / "config.json").read_text()))
     print(f"wrote {dst}: {info.method} x{info.factor:g}, {info.pretrained_length} -> {info.extended_length} tokens")
+    for warning in info.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.push_to_hub:
         return _push(argparse.Namespace(path=str(dst), repo_id=args.push_to_hub, private=args.private,
                                         commit_message=None))

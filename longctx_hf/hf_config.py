@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import methods
+from . import engines, methods
 
 RECORD_KEY = "longctx_hf"  # top-level config key recording the pretrained setup, so re-extension replaces
 DELETE = object()  # marker in a change set: remove this key
@@ -263,21 +263,10 @@ class ContextInfo:
     loads_with_plain_transformers: bool = True
     warnings: tuple = ()
     pretrained_rope_theta: float | None = None  # rope_theta before the extension (ntk changes it)
+    engines: dict = field(default_factory=dict)  # {serving engine: "same" | "refuses" | "different"} (engines.py)
 
 
 RUNTIME_NAMES = {"default": "none", "linear": "pi", "dynamic": "dynamic_ntk", "yarn": "yarn"}
-YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "mscale": None,
-                 "mscale_all_dim": None}
-# Engines that would silently run something else, per rope type (reported from manual vLLM CPU 0.32 and
-# llama-cpp-python 0.3.36 checks on SmolLM2; not run by longctx-hf's tests)
-ENGINE_WARNINGS = {
-    "dynamic": ["vLLM: reported silently wrong past the pretrained length (its rotary table stops at "
-                "max_position_embeddings, kept at L for transformers' threshold); llama.cpp's converter drops it"],
-    "dynamic_yarn": ["vLLM refuses it by default, but its transformers backend (model_impl='transformers') "
-                     "loads it without the shipped attention and runs something else"],
-    "self_extend": ["vLLM refuses it by default, but its transformers backend (model_impl='transformers') "
-                    "loads it without SelfExtend's attention: it runs the unextended model"],
-}
 
 
 def _temperature(method, factor, rope_theta, original_length, options) -> float:
@@ -311,12 +300,6 @@ def describe(config: dict) -> ContextInfo:
         for key in ("original_max_position_embeddings", "beta_fast", "beta_slow"):
             if key not in rope:
                 warnings.append(f"yarn without {key}: engines disagree on its default")
-        changed = {key: rope[key] for key, default in YARN_DEFAULTS.items()
-                   if key in rope and rope[key] is not None and rope[key] != default}
-        if changed:
-            warnings.append(f"yarn options {changed}: transformers and vLLM apply them (an explicit attention_factor "
-                            "replaces 0.1*ln(s)+1 in both), but llama.cpp's loader never reads them and would run "
-                            "default YaRN (reported from a manual llama.cpp check, not run by longctx-hf's tests)")
     if record:
         method = methods.get_method(record["method"])
         factor, theta = float(record["factor"]), float(record["original_rope_theta"])
@@ -332,6 +315,6 @@ def describe(config: dict) -> ContextInfo:
     name = method.NAME if method else RUNTIME_NAMES.get(rope["rope_type"], rope["rope_type"])
     plain = rope["rope_type"] in RUNTIME_NAMES or rope["rope_type"] == "longrope" or (
         not record and rope["rope_type"] == "llama3")
-    warnings += ENGINE_WARNINGS.get(rope["rope_type"], [])
+    verdicts, engine_warnings = engines.engine_notes(name, factor, options)
     return ContextInfo(name, factor, original, extended, scaling, rope.get("rope_theta"), options if record else {},
-                       plain, tuple(warnings), pretrained_rope_theta=theta)
+                       plain, tuple(warnings + engine_warnings), pretrained_rope_theta=theta, engines=verdicts)

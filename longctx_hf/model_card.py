@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from . import hf_config
+from .engines import MEASURED_WITH
 from .repo_id import looks_like_repo_id
 
 PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
@@ -109,7 +110,7 @@ def render(config: dict, *, base_model=None, source_card=None, eval_results=None
             if source.get(key):
                 metadata[key] = source[key]
     metadata["tags"] = ["longctx-hf", info.method, "long-context"]
-    body = [_summary(info, base_model), _config_snippet(config), _how_to_load(name, remote_code),
+    body = [_summary(info, base_model), _config_snippet(config), _how_to_load(name, remote_code), *_engines(info),
             "## Fine-tuning\n\n" + FINE_TUNING.get(info.method, "See the longctx-hf README for this method.")]
     if eval_results:
         body.append(_evaluation(eval_results, plots or {}))
@@ -150,6 +151,20 @@ def _how_to_load(name: str, remote_code: bool) -> str:
     return (f"## How to load\n\n{note}\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f'model = AutoModelForCausalLM.from_pretrained("{name}"{extra})\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n```')
+
+
+ENGINE_VERDICTS = {"same": "computes the same model (equal prompt log-probabilities)",
+                   "refuses": "refuses to load it (fails loudly)",
+                   "different": "**loads it and silently computes a different model**"}
+
+
+def _engines(info) -> list:
+    """The serving engines measured on this kind of checkpoint (longctx_hf/engines.py), or nothing."""
+    if not info.engines:
+        return []
+    lines = ["## Serving engines", "", f"Measured by longctx-hf ({MEASURED_WITH}) on checkpoints like this one:", ""]
+    lines += [f"- {engine}: {ENGINE_VERDICTS[verdict]}" for engine, verdict in info.engines.items()]
+    return ["\n".join(lines)]
 
 
 def _evaluation(results: dict, plots: dict) -> str:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from . import _compat, hf_config, methods, runtimes
+from . import _compat, engines, hf_config, methods, runtimes
 from .hf_config import ContextInfo
 
 FORMULA_RTOL = 2e-6
@@ -82,6 +82,8 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
     device = rotaries[0].inv_freq.device
     try:
         fresh = _fresh_rotary(rotaries[0], new_config, device)
+    except ValueError:  # a rope init function refusing this model, in its own words
+        raise
     except Exception as err:  # a rotary class whose constructor does not take its config alone
         raise ValueError(f"cannot rebuild {type(rotaries[0]).__name__} from its config ({err}); "
                          "this model does not follow the standard transformers RoPE layout") from err
@@ -97,6 +99,7 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
         _install(rotary, fresh, device)
     if runtime is not None:
         runtime.activate(model, base_attention)
+    engines.warn_about_engines(hf_config.describe(config.to_dict()))
     return model
 
 

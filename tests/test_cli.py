@@ -35,7 +35,7 @@ def test_info_reads_extended_checkpoint_without_torch(tmp_path):
     assert (info["pretrained_length"], info["extended_length"]) == (256, 2048)
     assert abs(info["attention_scaling"] - (0.1 * __import__("math").log(8) + 1)) < 1e-12
     assert info["options"] == {"beta_fast": 64.0} and info["loads_with_plain_transformers"]
-    assert len(info["warnings"]) == 1 and "llama.cpp's loader never reads them" in info["warnings"][0]
+    assert len(info["warnings"]) == 1 and "loader never reads the converted yarn options" in info["warnings"][0]
 
 
 def test_info_warns_about_v5_only_config(tmp_path):
@@ -48,7 +48,7 @@ def test_info_warns_about_v5_only_config(tmp_path):
     assert "transformers 4.x would use 10000" in out.stdout
     assert "no top-level rope_scaling" in out.stdout and "yarn without beta_fast" in out.stdout
     # vLLM replaces YaRN's temperature with an explicit attention_factor, as transformers does; llama.cpp ignores it
-    assert "llama.cpp's loader never reads them" in out.stdout and "multipl" not in out.stdout
+    assert "loader never reads the converted yarn options" in out.stdout and "multipl" not in out.stdout
 
 
 def test_info_missing_folder(tmp_path):

@@ -96,8 +96,10 @@ def grouped_distance(i: int, j: int, group_size: int, window: int) -> int:
 
 
 def rope_parameters(spec: Spec) -> dict:
+    """No `factor` key: vLLM multiplies max_position_embeddings (already the extended length) by any factor of a
+    rope type it does not know, and would derive twice the reach. The factor is in the longctx_hf record."""
     pretrained = {"rope_theta": spec.rope_theta, "original_max_position_embeddings": spec.original_max_position_embeddings}
-    return {"rope_type": HF_ROPE_TYPE, "factor": spec.factor, **pretrained, **spec.options()}
+    return {"rope_type": HF_ROPE_TYPE, **pretrained, **spec.options()}
 
 
 def max_position_embeddings(spec: Spec) -> int:

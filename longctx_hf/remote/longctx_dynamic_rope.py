@@ -58,7 +58,16 @@ def compute_dynamic_yarn_parameters(config, device=None, seq_len=None, layer_typ
     """YaRN whose scale follows the current length: s = max(1, n / L) (jquesnelle/yarn, dynamic variant).
 
     Same signature and return as transformers' ROPE_INIT_FUNCTIONS entries: (inv_freq float32, attention_factor).
+    Refuses a model being built with an attention the runtime cannot wrap (e.g. vLLM's transformers backend): it
+    would never activate, and the model would run these frequencies without the runtime, i.e. something else.
     """
+    name = getattr(config, "_attn_implementation", None)
+    if name is not None and base_attention_name(name) not in WRAPPABLE_ATTENTION:
+        raise ValueError(f"this config has rope_type 'dynamic_yarn', which needs longctx's cache-exact attention "
+                         f"(wrapping {WRAPPABLE_ATTENTION}), but the model is being built with attention {name!r}, "
+                         "which would silently run something else. Load it with longctx_hf.from_pretrained(path) or "
+                         "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True), with "
+                         "attn_implementation='sdpa' or 'eager'")
     config.standardize_rope_params()
     rope = config.rope_parameters
     base = float(rope["rope_theta"])
