@@ -4,7 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 __all__ = ["extend_context", "context_info", "from_pretrained", "ContextInfo", "METHODS", "extend_checkpoint",
            "push_to_hub", "alibi_model_from_config", "finetune",
-           "FinetuneOptions", "evaluate_model"]
+           "FinetuneOptions", "evaluate_model", "search_rope_factors"]
 
 
 def __getattr__(name):
@@ -33,6 +33,10 @@ def __getattr__(name):
         from .evaluate.run import evaluate_model
 
         return evaluate_model
+    if name == "search_rope_factors":
+        from .search import search_rope_factors
+
+        return search_rope_factors
     if name == "METHODS":
         from .methods import METHODS
 

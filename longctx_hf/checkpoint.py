@@ -22,7 +22,7 @@ REPLACED = ("config.json", "README.md")  # written anew into the destination, ne
 
 def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
                       original_max_position_embeddings=None, overwrite=False, in_place=False, eval_results=None,
-                      link=True, revision=None, card_name=None, **options) -> Path:
+                      link=True, revision=None, card_name=None, card_note=None, **options) -> Path:
     """Write `src` extended with `method` to the folder `dst` without loading a weight; returns `dst`.
 
     `src` is a checkpoint folder or a Hub repo id (downloaded into huggingface_hub's cache, at `revision` or the
@@ -30,7 +30,8 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     (dst None or src) rewrites `src` itself: only config.json and README.md change. `eval_results` is a
     results.json path (docs/results_schema.md) whose table and plots go into the model card. `link=False` copies the
     weights instead of hard-linking them. `card_name` is what the model card tells users to load (default: the
-    output folder; the repo id when it will be pushed). Everything is validated before a file is written.
+    output folder; the repo id when it will be pushed). `card_note`: a markdown section for the model card (e.g. how
+    searched factors were found). Everything is validated before a file is written.
     """
     if in_place and not link:
         raise ValueError("link=False (CLI: --copy) copies weights into a new folder; in_place=True keeps the "
@@ -58,7 +59,7 @@ def extend_checkpoint(src, dst, method, factor=None, *, target_length=None,
     src_dir = local or hub.download(hub_id, commit, WEIGHT_SUFFIXES)  # only now, once everything is valid, the whole repo
     card = model_card.render(new_config, base_model=hub_id or model_card.repo_id_in(config),
                              source_card=src_dir / "README.md", eval_results=results, plots=plots,
-                             remote_code=bool(remote_files), name=card_name or str(dst_dir))
+                             remote_code=bool(remote_files), name=card_name or str(dst_dir), note=card_note)
     files = {"config.json": json.dumps(new_config, indent=2, sort_keys=True) + "\n", "README.md": card,
              **remote_files}
     engines.warn_about_engines(hf_config.describe(new_config))

@@ -236,6 +236,45 @@ def _eval(args) -> int:
     return 0
 
 
+def _search(args) -> int:
+    from .search import run_search
+
+    try:
+        result = run_search(args.model, factor=args.factor, output_dir=args.output, text_file=args.text,
+                            budget=args.budget, minutes=args.minutes, seed=args.seed, population=args.population,
+                            documents=args.documents, checkpoint=args.checkpoint)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    best = result.best
+    print(f"best of {result.evaluations} candidates: perplexity {best['ppl']:.4f} at "
+          f"{result.results['setup']['target_length']} tokens (YaRN {result.results['yarn_ppl']:.4f}); wrote "
+          f"{result.output_dir}")
+    return 0
+
+
+def _add_search_parser(sub):
+    search = sub.add_parser("search", help="search LongRoPE per-frequency factors on the model itself",
+                            description="Evolutionary search of longrope factors (one per rotary frequency, plus "
+                                        "the attention temperature), seeded with YaRN, PI and NTK; fitness is the "
+                                        "perplexity at the target length on a calibration text. Resumable: run "
+                                        "the same command again to continue a cut-off search.")
+    search.add_argument("model", help="checkpoint folder, Hub repo id, or 'smollm2'")
+    search.add_argument("--factor", type=float, required=True, help="extension factor relative to the pretrained length")
+    search.add_argument("--output", required=True, help="folder for results.json, factors.json, search.png")
+    search.add_argument("--text", default=None, help="calibration text file (default: the standard library's "
+                                                     "package sources, not the text `eval` uses)")
+    search.add_argument("--budget", type=int, default=None, help="number of candidates to evaluate")
+    search.add_argument("--minutes", type=float, default=None, help="wall-clock limit")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--population", type=int, default=8, help="candidates per generation (default: 8)")
+    search.add_argument("--documents", type=int, default=1,
+                        help="calibration windows of the target length per evaluation (default: 1)")
+    search.add_argument("--checkpoint", action="store_true",
+                        help="also write OUTPUT/checkpoint: the model extended with the best factors")
+    search.set_defaults(run=_search)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
 
@@ -275,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("methods", help="list the extension methods and their options")
     listing.set_defaults(run=_methods)
     _add_finetune_parser(sub)
+    _add_search_parser(sub)
     evaluate = sub.add_parser(
         "eval", help="perplexity vs length and passkey retrieval for several methods, with plots",
         description="Evaluate extension methods on MODEL (a folder, a Hub id, or 'smollm2' for the offline "

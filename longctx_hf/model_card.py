@@ -96,7 +96,7 @@ def load_eval_results(path) -> tuple[dict, dict]:
 
 
 def render(config: dict, *, base_model=None, source_card=None, eval_results=None, plots=None,
-           remote_code=False, name) -> str:
+           remote_code=False, name, note=None) -> str:
     """The full README.md text for an extended checkpoint whose (new) config dict is `config`."""
     info = hf_config.describe(config)
     source = front_matter(Path(source_card)) if source_card else {}
@@ -112,6 +112,8 @@ def render(config: dict, *, base_model=None, source_card=None, eval_results=None
     metadata["tags"] = ["longctx-hf", info.method, "long-context"]
     body = [_summary(info, base_model), _config_snippet(config), _how_to_load(name, remote_code), *_engines(info),
             "## Fine-tuning\n\n" + FINE_TUNING.get(info.method, "See the longctx-hf README for this method.")]
+    if note:
+        body.append(note.strip())
     if eval_results:
         body.append(_evaluation(eval_results, plots or {}))
     base_card = base_card_body(Path(source_card), source) if source_card else ""
