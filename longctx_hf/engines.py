@@ -55,11 +55,16 @@ def kind_of(method: str, options: dict) -> str:
 
 
 def llama_cpp_yarn_settings(factor: float, options: dict) -> dict:
-    """llama.cpp's run-time options (Llama(...) keywords) that reproduce a yarn config's options: its
-    yarn_attn_factor multiplies 0.1 ln(s) + 1, where transformers' attention_factor replaces it."""
+    """The llama_cpp.Llama(...) keywords that reproduce a yarn config's options in llama.cpp, whose LLaMA loader
+    ignores the converted ones: the betas as run-time options, and the temperature through the GGUF key
+    `<arch>.rope.scaling.attn_factor` (llama.cpp multiplies its default 0.1 ln(s) + 1 by it, and overrides a
+    `yarn_attn_factor` option for YaRN models), so transformers' temperature T becomes T / (0.1 ln(s) + 1)."""
     settings = {f"yarn_{key}": float(options[key]) for key in ("beta_fast", "beta_slow") if key in options}
-    if options.get("attention_factor") is not None:
-        settings["yarn_attn_factor"] = float(options["attention_factor"]) / (0.1 * math.log(factor) + 1.0)
+    spec = yarn.Spec(factor=factor, rope_theta=2.0, rotary_dim=2, original_max_position_embeddings=1,
+                     **{key: options[key] for key in ("attention_factor", "mscale", "mscale_all_dim") if key in options})
+    temperature, default = yarn.attention_scaling(spec), 0.1 * math.log(factor) + 1.0
+    if not math.isclose(temperature, default, rel_tol=1e-12):
+        settings["kv_overrides"] = {"llama.rope.scaling.attn_factor": temperature / default}
     return settings
 
 
@@ -73,8 +78,9 @@ def engine_notes(method: str, factor: float, options: dict) -> tuple[dict, list]
             continue
         reason = REASONS.get((kind, engine), "")
         if kind == YARN_WITH_OPTIONS and engine == LLAMA_CPP:
-            settings = ", ".join(f"{k}={v:.6g}" for k, v in llama_cpp_yarn_settings(factor, options).items())
-            reason += f"; pass {settings} to llama_cpp.Llama(...) for this checkpoint's values"
+            settings = ", ".join(f"{k}={v!r}" for k, v in llama_cpp_yarn_settings(factor, options).items())
+            reason += (f"; llama_cpp.Llama(..., {settings}) reproduces it (the key's prefix is the GGUF's "
+                       "general.architecture: llama for LLaMA)")
         warnings.append(f"{engine} silently computes a different model ({reason}; measured with {MEASURED_WITH})")
     return verdicts, warnings
 

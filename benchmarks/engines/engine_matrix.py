@@ -59,15 +59,15 @@ def runs_for(case, method, options):
 
 
 def llama_cpp_yarn_options(options, case):
-    """llama.cpp's run-time yarn options equal to a config's: its attn_factor multiplies 0.1 ln(s) + 1, where
-    transformers' attention_factor replaces it."""
-    factor = CASES[case][1]
+    """The llama.cpp settings longctx_hf's warning recommends for a yarn config's options, as runner arguments."""
+    from longctx_hf.engines import llama_cpp_yarn_settings
+
     args = []
-    for key, flag in (("beta_fast", "--yarn-beta-fast"), ("beta_slow", "--yarn-beta-slow")):
-        if key in options:
-            args += [flag, str(options[key])]
-    if "attention_factor" in options:
-        args += ["--yarn-attn-factor", repr(options["attention_factor"] / (0.1 * math.log(factor) + 1.0))]
+    for key, value in llama_cpp_yarn_settings(CASES[case][1], options).items():
+        if key == "kv_overrides":
+            args += [item for name, number in value.items() for item in ("--kv-override", f"{name}={number!r}")]
+        else:
+            args += ["--" + key.replace("_", "-"), repr(value)]
     return args
 
 

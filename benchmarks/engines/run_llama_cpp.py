@@ -2,7 +2,8 @@
 
 Runs in its own venv (see docs/engines.md): converts CHECKPOINT with `convert_hf_to_gguf.py --outtype f32`, loads
 the GGUF, records the context length the converter wrote and the rope metadata, and evaluates the prompt.
-`--yarn-beta-fast` etc. are llama.cpp's own run-time options, for checking the settings a warning recommends.
+`--yarn-beta-fast` etc. and `--kv-override KEY=VALUE` are llama.cpp's own load-time settings, for checking the
+ones a warning recommends.
 
     python run_llama_cpp.py CHECKPOINT TOKENS.json OUT.json --converter PATH/convert_hf_to_gguf.py [--yarn-...]
 """
@@ -38,9 +39,14 @@ def main():
     parser.add_argument("--converter", required=True)
     for name in RUNTIME_OPTIONS:
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=None)
+    parser.add_argument("--kv-override", action="append", default=[], metavar="KEY=FLOAT",
+                        help="a GGUF metadata value replaced at load (llama_cpp.Llama's kv_overrides)")
     args = parser.parse_args()
     ids = json.loads(open(args.tokens).read())
     runtime = {name: getattr(args, name) for name in RUNTIME_OPTIONS if getattr(args, name) is not None}
+    overrides = {key: float(value) for key, value in (item.split("=", 1) for item in args.kv_override)}
+    if overrides:
+        runtime["kv_overrides"] = overrides
     result = {"engine": "llama.cpp", "runtime_options": runtime}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,78 @@
+"""LongRoPE search on SmolLM2-135M (pretrained 8192 tokens), then the searched factors against YaRN on held-out text.
+
+    python benchmarks/bench_longrope_search.py search FACTOR OUTPUT [--budget N]   # calibration: stdlib packages
+    python benchmarks/bench_longrope_search.py evaluate FACTOR OUTPUT [--passkey]   # held-out: stdlib top level
+
+`search` runs `longctx_hf.search.run_search` (resumable: run it again to continue). `evaluate` scores the last
+4096 tokens of the text `longctx-hf eval` uses (never seen by the search) at L x FACTOR tokens, with the full
+context, for YaRN and the searched factors, against the unextended model with an 8k sliding window on the same
+tokens; and the same inside 8k (an 8192-token window), where the extension should cost nothing. `--passkey` adds
+passkey retrieval at L x FACTOR, depths 0.1 / 0.5 / 0.9, 3 keys each. Writes OUTPUT/evaluation-xF.json.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+SCORED = 4096
+
+
+def evaluate(factor, output, passkey):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longctx_hf import extend_context
+    from longctx_hf.evaluate import nll_of_last, passkey_grid
+    from longctx_hf.evaluate.perplexity import default_text, default_text_name, perplexity, sliding_window_nll
+    from longctx_hf.real_model import smollm2_path
+
+    folder = Path(output) / f"search-x{factor:g}"
+    searched = json.loads((folder / "factors.json").read_text())
+    pretrained = 8192
+    length = int(pretrained * factor)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    ids = tokenizer(default_text(min_chars=8 * length), return_tensors="pt").input_ids[0][-length:]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
+    rows = {"text": default_text_name(), "length": length, "scored": SCORED,
+            "calibration_text": json.loads((folder / "results.json").read_text())["setup"]["calibration_text"]}
+    started = time.perf_counter()
+    rows["baseline_8k_window"] = perplexity(sliding_window_nll(model, ids, SCORED, pretrained, SCORED), SCORED)
+    rows["none_inside_8k"] = perplexity(nll_of_last(model, ids[-pretrained:], SCORED), SCORED)
+    variants = {"yarn": {}, "longrope_searched": dict(long_factor=searched["long_factor"],
+                                                      attention_factor=searched["attention_factor"])}
+    for name, options in variants.items():
+        extend_context(model, "yarn" if name == "yarn" else "longrope", factor, **options)
+        rows[name] = perplexity(nll_of_last(model, ids, SCORED), SCORED)
+        rows[name + "_inside_8k"] = perplexity(nll_of_last(model, ids[-pretrained:], SCORED), SCORED)
+        if passkey:
+            grid = passkey_grid(model, tokenizer, [length], [0.1, 0.5, 0.9], trials=3, seed=0)
+            rows[name + "_passkey"] = sum(cell["correct"] for cell in grid), sum(cell["trials"] for cell in grid)
+        print(name, {k: v for k, v in rows.items() if k.startswith(name)}, flush=True)
+    for name in variants:
+        rows[name + "_ratio"] = rows[name] / rows["baseline_8k_window"]
+        rows[name + "_inside_8k_ratio"] = rows[name + "_inside_8k"] / rows["none_inside_8k"]
+    rows["seconds"] = time.perf_counter() - started
+    (Path(output) / f"evaluation-x{factor:g}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(json.dumps(rows, indent=1))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("part", choices=["search", "evaluate"])
+    parser.add_argument("factor", type=float)
+    parser.add_argument("output")
+    parser.add_argument("--budget", type=int, default=24)
+    parser.add_argument("--passkey", action="store_true")
+    args = parser.parse_args()
+    if args.part == "search":
+        from longctx_hf.search import run_search
+
+        result = run_search("smollm2", factor=args.factor, output_dir=Path(args.output) / f"search-x{args.factor:g}",
+                            budget=args.budget)
+        print(json.dumps({k: result.results[k] for k in ("best", "yarn_ppl", "evaluations", "seconds")}, indent=1))
+    else:
+        evaluate(args.factor, args.output, args.passkey)
+
+
+if __name__ == "__main__":
+    main()
