@@ -225,6 +225,7 @@ def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=No
             if tuple(recorded[index]["key"]) != candidate.key():
                 raise ValueError(f"{output_dir / RESULTS_FILE} was written by a different search (candidate "
                                  f"{index} differs); use another output folder")
+            bar.update(1)  # evaluation k of N counts the replayed ones too
             return recorded[index]["ppl"]
         _extend_quietly(model, factor, original_max_position_embeddings, long_factor=list(candidate.factors),
                         attention_factor=candidate.attention_factor)
