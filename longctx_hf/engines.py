@@ -15,6 +15,7 @@ from .methods import yarn
 MEASURED_WITH = "vLLM 0.32 (CPU build) and llama-cpp-python 0.3.36 with its own convert_hf_to_gguf.py"
 SAME, REFUSES, DIFFERENT = "same", "refuses", "different"
 VLLM, VLLM_TRANSFORMERS, LLAMA_CPP = "vLLM", "vLLM model_impl='transformers'", "llama.cpp"
+SILENT = "silently computes a different model"  # the phrase that marks an engine warning among a config's warnings
 YARN_WITH_OPTIONS = "yarn with options"  # any non-default yarn option (betas, attention_factor, mscale)
 
 # {checkpoint kind: {engine: verdict}}: "same" = equal log-probabilities, "refuses" = fails loudly at load,
@@ -81,7 +82,7 @@ def engine_notes(method: str, factor: float, options: dict) -> tuple[dict, list]
             settings = ", ".join(f"{k}={v!r}" for k, v in llama_cpp_yarn_settings(factor, options).items())
             reason += (f"; llama_cpp.Llama(..., {settings}) reproduces it (the key's prefix is the GGUF's "
                        "general.architecture: llama for LLaMA)")
-        warnings.append(f"{engine} silently computes a different model ({reason}; measured with {MEASURED_WITH})")
+        warnings.append(f"{engine} {SILENT} ({reason}; measured with {MEASURED_WITH})")
     return verdicts, warnings
 
 
@@ -90,5 +91,5 @@ def warn_about_engines(info) -> None:
     import warnings
 
     for text in info.warnings:
-        if "silently computes a different model" in text:
+        if SILENT in text:
             warnings.warn(text, EngineWarning, stacklevel=3)
