@@ -14,7 +14,7 @@ from fresh_process import run_json
 from models import tiny_model
 from transformers import AutoModelForCausalLM
 
-from longctx_hf import extend_context, methods
+from longctx_hf import _compat, extend_context, methods
 from longctx_hf.remote import longctx_dynamic_rope as runtime
 
 L = 32
@@ -317,3 +317,76 @@ def test_one_layer_model_equals_an_independent_token_by_token_reference(kind, me
     assert worst <= 1e-5, worst
     with torch.no_grad():  # the unextended model is much farther away: the check can tell them apart
         assert (base(ids, use_cache=False).logits[0, L:] - logits[L:]).abs().max().item() > 20 * max(worst, 1e-6)
+
+
+# ------------------------------------------------------------------ prompts past L, in blocks of queries
+def _decode_token_by_token(model, ids):
+    """The definition run literally: one token per forward with a cache, so token t is one query at length t + 1."""
+    cache, logits = None, []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            out = model(ids[:, t : t + 1], **{_compat.cache_keyword(model): cache}, use_cache=True)
+            cache = _compat.output_cache(out)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, dim=1)
+
+
+def _blocks_used(model):
+    active = next(getattr(m, runtime.RUNTIME_ATTRIBUTE) for m in model.modules()
+                  if runtime.RUNTIME_ATTRIBUTE in m.__dict__)
+    return [block for key, plan in active._memo.items() if key[0] == "blocks" for block in plan]
+
+
+@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+@pytest.mark.parametrize("kind, attention", [("llama", "sdpa"), ("llama", "eager"), ("gpt_neox", "sdpa"),
+                                             ("cohere", "sdpa"), ("cohere", "eager"), ("gemma2", "eager")])
+def test_prefill_in_blocks_equals_decoding_token_by_token(kind, attention, method):
+    """One forward over 4 L tokens (blocks of queries with several series terms) against the same tokens decoded one
+    by one (each its own attention call with its own frequencies): halves and interleaved layouts, partial rotary
+    (gpt_neox), softcapping (gemma2, eager only: it goes through the wrapped attention), sdpa and eager."""
+    base = tiny_model(kind, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    base.set_attn_implementation(attention)
+    model = extend_context(base, method, 4)
+    ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        prefill = model(ids).logits
+    blocks = _blocks_used(model)
+    assert max(b.stop - b.start for b in blocks) > 8 and max(len(b.kept) for b in blocks) >= 3
+    error = (prefill - _decode_token_by_token(model, ids)).abs().max().item()
+    assert error <= 1e-5, error
+
+
+@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+def test_left_padded_prefill_past_pretrained_length_equals_each_row_alone(method):
+    model = extend_context(tiny_model("llama", max_position_embeddings=L), method, 4)
+    rows = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (4 * L, 3 * L - 5)]
+    ids = torch.zeros(2, 4 * L, dtype=torch.long)
+    mask = torch.zeros(2, 4 * L, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, -len(row):], mask[i, -len(row):] = row, 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, position_ids=positions).logits
+    for i, row in enumerate(rows):
+        error = (logits[i, -len(row):] - _decode_token_by_token(model, row[None])[0]).abs().max().item()
+        assert error <= 1e-5, (i, error)
+
+
+def test_chebyshev_series_remainder_is_within_its_bound():
+    """The expansion the blocks rely on, checked numerically in float64 against e^{-ixv} itself."""
+    from longctx_hf.remote import longctx_rope_blocks as blocks
+
+    x = torch.tensor([1e-6, 1e-3, 0.05, 0.3, 0.7, 1.0], dtype=torch.float64)
+    v = torch.linspace(-1, 1, 201, dtype=torch.float64)[:, None]
+    assert torch.allclose(blocks.bessel_j(0, x), torch.special.bessel_j0(x), atol=1e-15)
+    assert torch.allclose(blocks.bessel_j(1, x), torch.special.bessel_j1(x), atol=1e-15)
+    exact = torch.polar(torch.ones_like(v * x), -v * x)
+    for tolerance in (2.0 ** -24, 2.0 ** -11, 2.0 ** -8):
+        terms = blocks.terms_needed(x, tolerance)
+        for k in range(len(x)):
+            chebyshev, previous, total = v, torch.ones_like(v), blocks.bessel_j(0, x[k]) * torch.ones_like(v)
+            for r in range(1, int(terms[k])):
+                total = total + 2 * (-1j) ** r * blocks.bessel_j(r, x[k]) * chebyshev
+                previous, chebyshev = chebyshev, 2 * v * chebyshev - previous
+            assert (total[:, 0] - exact[:, k]).abs().max().item() <= tolerance
+        assert bool((terms[1:] >= terms[:-1]).all()) and int(terms[-1]) > int(terms[0])

@@ -16,7 +16,7 @@ HF_ROPE_TYPE = "dynamic_yarn"
 KIND = "rope"
 SAVED_ATTENTION = None
 TRAINING_FREE = False
-REMOTE_FILES = ("longctx_dynamic_rope.py", "longctx_compat.py")  # the first imports the second
+REMOTE_FILES = ("longctx_dynamic_rope.py", "longctx_rope_blocks.py", "longctx_compat.py")  # the first imports the others
 REMOTE_CLASS = "longctx_dynamic_rope.DynamicRopeForCausalLM"
 
 

@@ -20,8 +20,8 @@ NAME = "self_extend"
 ALIASES = ("selfextend",)
 HF_ROPE_TYPE = "self_extend"
 KIND = "rope"
-# each file imports the next
-REMOTE_FILES = ("longctx_self_extend.py", "longctx_dynamic_rope.py", "longctx_compat.py")
+# self_extend imports dynamic_rope, which imports the other two
+REMOTE_FILES = ("longctx_self_extend.py", "longctx_dynamic_rope.py", "longctx_rope_blocks.py", "longctx_compat.py")
 REMOTE_CLASS = "longctx_self_extend.SelfExtendForCausalLM"
 TRAINING_FREE = True  # finetune refuses it: the explicit attention path that autograd needs is O(n^2) in memory
 SAVED_ATTENTION = "longctx_self_extend"  # a plain load without the runtime fails loudly instead of running plain RoPE

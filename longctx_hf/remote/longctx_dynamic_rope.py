@@ -29,13 +29,24 @@ import os
 import tempfile
 
 import torch
+import torch.utils.checkpoint
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import longctx_compat as compat
 from .longctx_compat import InternalsChanged  # noqa: F401  (this form makes transformers ship the sibling file)
+from .longctx_rope_blocks import (
+    MAX_BLOCK,
+    attend,
+    causal_mask,
+    key_features,
+    plan_blocks,
+    query_features,
+    unit_roundoff,
+)
 
 COMPAT_FILE = "longctx_compat.py"
+BLOCKS_FILE = "longctx_rope_blocks.py"
 # the internals this runtime relies on (longctx_compat.py), checked before a model is changed
 RUNTIME_CONTRACTS = ("PreTrainedConfig._attn_implementation_internal", "modeling_rope_utils.ROPE_INIT_FUNCTIONS",
                      "RotaryEmbeddingConfigMixin._validate_<rope_type>_rope_parameters",
@@ -46,6 +57,10 @@ DYNAMIC_ROPE_TYPES = ("dynamic", "dynamic_yarn")
 ATTENTION_PREFIX = "longctx_dynamic_rope:"
 WRAPPABLE_ATTENTION = ("sdpa", "eager")
 RUNTIME_ATTRIBUTE = "_longctx_dynamic_rope"
+# attention keywords that leave the math softmax(q k^T * scaling + mask) v unchanged (the mask carries any sliding
+# window); with any other keyword (softcap, sinks, ...) or dropout, blocks go through the wrapped attention instead
+PLAIN_ATTENTION_KEYWORDS = ("position_ids", "scaling", "dropout", "sliding_window", "use_cache", "cache_position",
+                            "output_attentions")
 REMOTE_FILE = "longctx_dynamic_rope.py"
 
 
@@ -123,14 +138,15 @@ def rotate(states, cos, sin, interleaved, fused=False):
 class DynamicRopeRuntime:
     """Rotates each query, and every key it attends to, with the frequencies of that query's own length."""
 
-    def __init__(self, config, original_inv_freq, interleaved, base_attention):
+    def __init__(self, config, original_inv_freq, interleaved, base_attention, base_name, block_size=MAX_BLOCK):
         self.config = config
         self.rope_type = config.rope_parameters["rope_type"]
         self.init_fn = compat.rope_init_function(self.rope_type)
         self.original_length = _pretrained_length(config)
         self.original_inv_freq = original_inv_freq.detach().float().clone()
         self.interleaved = interleaved
-        self.base_attention = base_attention
+        self.base_name, self.base_attention = base_name, base_attention
+        self.block_size = block_size  # queries per attention call past L (1: one call per query)
         self._frequencies = {}
         self._memo_key, self._memo = None, {}
 
@@ -165,14 +181,14 @@ class DynamicRopeRuntime:
                 f"{type(module).__name__} does not pass position_ids to its attention function, which cache-exact "
                 "dynamic RoPE needs; this architecture is not supported"
             )
+        if self._memo_key is not position_ids:  # tables and block plans are per forward, shared by all layers
+            self._memo_key, self._memo = position_ids, {}
         batch, queries, length = query.shape[0], query.shape[-2], key.shape[-2]
         positions = position_ids.to(key.device).expand(batch, -1)
         # keys hold consecutive positions ending at the last query's (pads get meaningless, masked angles)
         key_positions = positions[:, -1:] - (length - 1) + torch.arange(length, device=key.device)
         lengths = positions + 1  # each token is computed at its own length, as when it was decoded
         if queries == 1 or int(lengths.max()) <= self.original_length:
-            if self._memo_key is not position_ids:  # one table per forward, shared by all layers
-                self._memo_key, self._memo = position_ids, {}
             memo_key = (batch, length, key.device, key.dtype)
             if memo_key not in self._memo:
                 self._memo[memo_key] = self.cos_sin(key_positions, lengths[:, -1], key.dtype)
@@ -181,13 +197,17 @@ class DynamicRopeRuntime:
             query = self.rotate(query, cos[..., length - queries :, :], sin[..., length - queries :, :], fused)
             key = self.rotate(key, cos, sin, fused)
             return self.base_attention(module, query, key, value, attention_mask, **kwargs)
-        return self._attention_per_query(module, query, key, value, attention_mask, key_positions, lengths, **kwargs)
+        return self._attention_in_blocks(module, query, key, value, attention_mask, positions, key_positions,
+                                         lengths, **kwargs)
 
-    def _attention_per_query(self, module, query, key, value, attention_mask, key_positions, lengths, **kwargs):
-        """Prompt tokens past L each need their own frequencies: one attention call per query (causal by slicing)."""
+    def _attention_in_blocks(self, module, query, key, value, attention_mask, positions, key_positions, lengths,
+                             **kwargs):
+        """A prompt past L: the leading queries within L in one call, the rest in blocks (longctx_rope_blocks)."""
         queries, length = query.shape[-2], key.shape[-2]
         if attention_mask is not None and (attention_mask.ndim != 4 or attention_mask.shape[-1] != length):
             raise RuntimeError(f"unexpected attention mask of shape {tuple(attention_mask.shape)} for {length} keys")
+        if kwargs.get("scaling") is None:  # the features are wider than head_dim; the scale must stay the head's
+            kwargs["scaling"] = query.shape[-1] ** -0.5
         outputs = []
         # leading queries that are within L in every row share the pretrained frequencies: one call for all of them
         first = int((lengths > self.original_length).any(dim=0).float().argmax())
@@ -200,16 +220,33 @@ class DynamicRopeRuntime:
                                             self.rotate(key[:, :, :limit], cos, sin), value[:, :, :limit], mask,
                                             **kwargs)
             outputs.append(output)
-        for t in range(first, queries):
-            limit = length - queries + t + 1  # the keys query t may see
-            cos, sin = self.cos_sin(key_positions[:, :limit], lengths[:, t], key.dtype)
-            mask = None if attention_mask is None else attention_mask[:, :, t : t + 1, :limit]
-            fused = int(lengths[:, t].max()) > self.original_length
-            output, _ = self.base_attention(module, self.rotate(query[:, :, t : t + 1], cos[..., -1:, :],
-                                                                sin[..., -1:, :], fused),
-                                            self.rotate(key[:, :, :limit], cos, sin, fused), value[:, :, :limit],
-                                            mask, **kwargs)
-            outputs.append(output)
+        plan_key = ("blocks", query.shape[0], queries, length, first, query.dtype)
+        if plan_key not in self._memo:
+            self._memo[plan_key] = plan_blocks(lambda n: self.frequencies(n, torch.device("cpu")), positions.cpu(),
+                                               key_positions.cpu(), first, length, unit_roundoff(query.dtype),
+                                               self.block_size)
+        plain = (set(kwargs) <= set(PLAIN_ATTENTION_KEYWORDS) and not kwargs.get("dropout")
+                 and not kwargs.get("output_attentions") and (attention_mask is None or attention_mask.shape[1] == 1))
+        additive = None if plain or self.base_name == "sdpa" else query.dtype
+        for block in self._memo[plan_key]:
+            if attention_mask is None:
+                mask = causal_mask(block, queries, length, additive).to(query.device)
+            else:
+                mask = attention_mask[:, :, block.start : block.stop, : block.keys]
+
+            def block_attention(query_block, key_block, value_block, block=block, mask=mask):
+                features = (query_features(query_block, block, self.interleaved),
+                            key_features(key_block, block, key_positions[:, : block.keys], self.interleaved))
+                if plain:
+                    return attend(*features, value_block, mask, kwargs["scaling"])
+                return self.base_attention(module, *features, value_block, mask, **kwargs)[0]
+
+            arguments = (query[:, :, block.start : block.stop], key[:, :, : block.keys], value[:, :, : block.keys])
+            if torch.is_grad_enabled() and any(t.requires_grad for t in arguments):
+                # recomputed in backward: the per-block features would otherwise be kept for every block
+                outputs.append(torch.utils.checkpoint.checkpoint(block_attention, *arguments, use_reentrant=False))
+            else:
+                outputs.append(block_attention(*arguments))
         return torch.cat(outputs, dim=1), None
 
 
@@ -340,7 +377,7 @@ def activate(model, base=None):
     modules = attention_modules(model, config)
     if not modules:
         raise ValueError(f"{type(model).__name__}: no attention module (with layer_idx) shares the rotary config")
-    runtime = DynamicRopeRuntime(config, original, interleaved, _base_attention(base, modules[0]))
+    runtime = DynamicRopeRuntime(config, original, interleaved, _base_attention(base, modules[0]), base)
     for module in modules:
         setattr(module, RUNTIME_ATTRIBUTE, runtime)
     compat.set_attention_implementation(config, ATTENTION_PREFIX + base)
@@ -427,9 +464,13 @@ def source() -> str:
 
 
 def remote_files() -> dict:
-    """This file and the compatibility layer it imports, as written beside config.json."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), COMPAT_FILE), encoding="utf-8") as f:
-        return {REMOTE_FILE: source(), COMPAT_FILE: f.read()}
+    """This file and the siblings it imports, as written beside config.json."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    files = {REMOTE_FILE: source()}
+    for name in (BLOCKS_FILE, COMPAT_FILE):
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            files[name] = f.read()
+    return files
 
 
 def write_remote_code(save_directory, files):

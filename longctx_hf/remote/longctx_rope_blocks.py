@@ -1,0 +1,176 @@
+"""One attention call per block of prompt tokens past the pretrained length, for cache-exact dynamic RoPE.
+
+Self-contained (torch only); shipped beside longctx_dynamic_rope.py, which imports it.
+
+Why a block needs care: token p (length n_p) sees every key j rotated with its own frequencies w(n_p), so no two
+queries share rotated keys. Per pair i of rotary channels, read as one complex number, the score is
+    sigma_p^2 * Re( Q_p e^{i w_p p} * conj(K_j e^{i w_p j}) ).
+Inside a block of consecutive queries the frequencies differ only slightly from the block's reference w_ref (those
+of its middle query). With delta_p = w_p - w_ref and key positions j = c + h v (c the centre of the keys' range, h its
+half-width, |v| <= 1), the Jacobi-Anger expansion gives
+    e^{-i w_p j} = e^{-i w_ref j} * e^{-i delta_p c} * sum_r eps_r (-i)^r J_r(delta_p h) T_r(v)
+(J_r Bessel functions of the first kind, T_r Chebyshev polynomials, eps_0 = 1, eps_r = 2). |T_r| <= 1 and
+|J_r(x)| <= (x/2)^r / r!, so cutting pair i after R_i terms leaves at most 3 (x_i/2)^R / R! with x_i = max |delta_i| h.
+R_i is the first R that brings this below the rounding that pair's angle already has in one call per query, which
+computes w_i j in the attention's dtype: u * max(1, w_i * largest position), u its unit roundoff (2^-24 for
+float32). So the block's scores equal one call per query up to that call's own rounding. Each kept term is one more set of features: keys rotated
+once per block with w_ref and multiplied by T_r(v), queries rotated by the rest. One attention call then serves the
+block, with 2 * sum_i R_i + (head_dim - rotary_dim) features instead of head_dim. Blocks are split until no pair
+needs more than MAX_TERMS terms.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MAX_BLOCK = 64
+MAX_TERMS = 6
+
+
+@dataclass
+class Block:
+    """Queries [start, stop) of a prefill, the keys [0, keys) they may see, and what their features need."""
+
+    start: int
+    stop: int
+    keys: int
+    reference: torch.Tensor  # (rows, pairs) float32: the middle query's frequencies, per batch row
+    centre: torch.Tensor  # (rows,) float64: centre of the keys' positions
+    half_width: float
+    kept: list  # kept[r]: the range (lo, hi) of pairs that keep term r, covering every pair that needs it
+    coefficients: list  # coefficients[r]: complex128 (rows, 1, queries, hi - lo), scaling^2 included
+
+
+def unit_roundoff(dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def terms_needed(x: torch.Tensor, tolerance) -> torch.Tensor:
+    """Smallest R >= 1 per entry with 3 (x/2)^R / R! <= tolerance (0 <= x <= 1; tolerance a number or one per
+    entry): Chebyshev terms 0 .. R-1 are kept."""
+    terms = torch.ones_like(x, dtype=torch.long)
+    bound, r = 3 * x / 2, 1
+    while bool((bound > tolerance).any()):
+        terms = torch.where(bound > tolerance, r + 1, terms)
+        r += 1
+        bound = bound * x / (2 * r)
+    return terms
+
+
+def bessel_j(order: int, x: torch.Tensor) -> torch.Tensor:
+    """J_order(x) by its power series (float64; |x| <= 1 here, where 12 terms are exact to double precision)."""
+    half, total, term = x / 2, torch.zeros_like(x), (x / 2) ** order / math.factorial(order)
+    for m in range(12):
+        total = total + term
+        term = -term * half * half / ((m + 1) * (m + 1 + order))
+    return total
+
+
+def plan_blocks(frequencies, positions, key_positions, start, length, tolerance, max_block=MAX_BLOCK,
+                max_terms=MAX_TERMS):
+    """Split queries [start, queries) into blocks whose series need at most `max_terms` terms per pair.
+
+    `frequencies(n)` -> (inv_freq float32 (pairs,), attention scaling) at length n; positions (rows, queries);
+    key_positions (rows, length) of the keys, consecutive, the last one the last query's; `tolerance`: the unit
+    roundoff of the attention's dtype."""
+    queries = positions.shape[1]
+    blocks = []
+    while start < queries:
+        stop = min(start + max_block, queries)
+        while True:
+            block = _block(frequencies, positions, key_positions, start, stop, length - queries + stop, tolerance)
+            if block is not None and len(block.kept) <= max_terms or stop - start == 1:
+                break
+            stop = start + (stop - start) // 2
+        blocks.append(block)
+        start = stop
+    return blocks
+
+
+def _block(frequencies, positions, key_positions, start, stop, keys, tolerance):
+    table = [[frequencies(int(p) + 1) for p in row] for row in positions[:, start:stop].tolist()]
+    inv_freq = torch.stack([torch.stack([f for f, _ in row]) for row in table]).double()  # (rows, block, pairs)
+    scaling = torch.tensor([[s for _, s in row] for row in table], dtype=torch.float64)  # (rows, block)
+    middle = (stop - start - 1) // 2
+    reference = inv_freq[:, middle].float()
+    delta = inv_freq - reference.double()[:, None]
+    first, last = key_positions[:, 0].double().cpu(), key_positions[:, keys - 1].double().cpu()
+    centre, half_width = (first + last) / 2, max((keys - 1) / 2, 0.5)
+    x = delta.abs().amax(dim=(0, 1)) * half_width
+    if float(x.max()) > 1:  # outside the range the bound was derived for: the caller splits the block
+        return None
+    largest_position = float(max(first.abs().max(), last.abs().max()))
+    terms = terms_needed(x, tolerance * (reference.double().amax(dim=0) * largest_position).clamp(min=1))
+    query_positions = positions[:, start:stop].double().cpu()
+    # sigma^2 e^{i (w_p p - delta_p c)}, then times eps_r (-i)^r J_r(delta_p h) for term r
+    base = scaling[..., None] ** 2 * torch.polar(torch.ones_like(delta), inv_freq * query_positions[..., None]
+                                                 - delta * centre[:, None, None])
+    kept, coefficients = [], []
+    for r in range(int(terms.max())):
+        needing = torch.nonzero(terms > r).flatten()
+        lo, hi = int(needing[0]), int(needing[-1]) + 1  # a range (a slice, no gather); extra pairs only add accuracy
+        weight = (1 if r == 0 else 2) * (-1j) ** r * bessel_j(r, delta[..., lo:hi] * half_width)
+        kept.append((lo, hi))
+        coefficients.append((base[..., lo:hi] * weight)[:, None])
+    return Block(start, stop, keys, reference, centre, half_width, kept, coefficients)
+
+
+def _split(states, pairs, interleaved):
+    """(real parts, imaginary parts) of the rotary pairs, in the family's layout, and the channels past them."""
+    if interleaved:
+        return states[..., 0 : 2 * pairs : 2], states[..., 1 : 2 * pairs : 2], states[..., 2 * pairs :]
+    return states[..., :pairs], states[..., pairs : 2 * pairs], states[..., 2 * pairs :]
+
+
+def query_features(query, block, interleaved):
+    """(rows, heads, block queries, features): each term's pairs multiplied by the term's complex coefficient."""
+    real, imag, rest = _split(query, block.kept[0][1], interleaved)
+    features = [rest]
+    for (lo, hi), coefficient in zip(block.kept, block.coefficients):
+        cos, sin = coefficient.real.to(query.device, query.dtype), coefficient.imag.to(query.device, query.dtype)
+        x1, x2 = real[..., lo:hi], imag[..., lo:hi]
+        features += [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    return torch.cat(features, dim=-1)
+
+
+def key_features(key, block, key_positions, interleaved):
+    """(rows, kv heads, keys, features): keys rotated with the block's reference frequencies, times T_r(v) per
+    term."""
+    real, imag, rest = _split(key, block.kept[0][1], interleaved)
+    angles = key_positions[..., None].float() * block.reference.to(key.device)[:, None, :]  # float32, as transformers
+    cos, sin = angles.cos().to(key.dtype)[:, None], angles.sin().to(key.dtype)[:, None]
+    rotated_real, rotated_imag = real * cos - imag * sin, imag * cos + real * sin
+    offsets = ((key_positions.double().cpu() - block.centre[:, None]) / block.half_width)
+    offsets = offsets.to(key.device, key.dtype)[:, None, :, None]
+    features, previous, chebyshev = [rest, rotated_real, rotated_imag], torch.ones_like(offsets), offsets
+    for lo, hi in block.kept[1:]:  # T_1 = v, T_{r+1} = 2 v T_r - T_{r-1}
+        features += [rotated_real[..., lo:hi] * chebyshev, rotated_imag[..., lo:hi] * chebyshev]
+        previous, chebyshev = chebyshev, 2 * offsets * chebyshev - previous
+    return torch.cat(features, dim=-1)
+
+
+def attend(query, key, value, mask, scaling):
+    """softmax(q k^T * scaling + mask) v, as transformers' eager attention, with the query heads that share a key
+    head stacked into one matrix product (no copies of the wide key features). Output (rows, queries, heads, dv)."""
+    rows, heads, queries, features = query.shape
+    groups = heads // key.shape[1]
+    query = (query * scaling).reshape(rows, key.shape[1], groups * queries, features)
+    scores = torch.matmul(query, key.transpose(-1, -2)).view(rows, key.shape[1], groups, queries, -1)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(scores.dtype).min)
+    scores.add_(mask[:, :, None])  # (rows, 1, 1, queries, keys): the same for every head
+    probabilities = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
+    output = torch.matmul(probabilities.view(rows, key.shape[1], groups * queries, -1), value)
+    return output.view(rows, heads, queries, -1).transpose(1, 2)
+
+
+def causal_mask(block, queries, length, additive_dtype=None):
+    """The block's causal mask when attention got none (no padding, no cache): bool for sdpa, additive for eager."""
+    query_index = torch.arange(block.start, block.stop)[:, None] + (length - queries)
+    allowed = (torch.arange(block.keys)[None, :] <= query_index)[None, None]
+    if additive_dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=additive_dtype).masked_fill(~allowed, torch.finfo(additive_dtype).min)
