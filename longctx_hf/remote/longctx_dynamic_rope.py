@@ -147,7 +147,7 @@ class DynamicRopeRuntime:
         self.interleaved = interleaved
         self.base_name, self.base_attention = base_name, base_attention
         self.block_size = block_size  # queries per attention call past L (1: one call per query)
-        self._frequencies = {}
+        self._frequencies, self._pretrained = {}, {}
         self._memo_key, self._memo = None, {}
 
     def frequencies(self, n: int, device):
@@ -165,11 +165,25 @@ class DynamicRopeRuntime:
     def cos_sin(self, key_positions, row_lengths, dtype):
         """cos, sin (batch, 1, keys, rotary_dim / 2): batch row b rotated with the frequencies for row_lengths[b]."""
         device = key_positions.device
+        if int(row_lengths.max()) <= self.original_length:  # fixed frequencies: rows of one table kept across steps
+            cos, sin = self._pretrained_table(int(key_positions.max()) + 1, device)
+            index = key_positions.clamp(min=0)  # negative positions are left-padding keys, masked
+            return cos[index].to(dtype)[:, None], sin[index].to(dtype)[:, None]
         pairs = [self.frequencies(int(n), device) for n in row_lengths.tolist()]
         inv_freq = torch.stack([f for f, _ in pairs])[:, None, :]
         scaling = torch.tensor([s for _, s in pairs], dtype=torch.float32, device=device)[:, None, None]
         freqs = key_positions[..., None].float() * inv_freq
         return (freqs.cos() * scaling).to(dtype)[:, None], (freqs.sin() * scaling).to(dtype)[:, None]
+
+    def _pretrained_table(self, rows, device):
+        """cos, sin of positions 0 .. rows-1 with the pretrained frequencies (the same float32 arithmetic as
+        cos_sin past L, so the same bits), grown by doubling up to L: decoding below L adds nothing per step."""
+        table = self._pretrained.get(device)
+        if table is None or table[0].shape[0] < rows:
+            size = min(max(rows, 2 * (0 if table is None else table[0].shape[0]), 256), self.original_length)
+            freqs = torch.arange(size, device=device).float()[:, None] * self.original_inv_freq.to(device)
+            self._pretrained[device] = table = (freqs.cos(), freqs.sin())
+        return table
 
     def rotate(self, states, cos, sin, fused=False):
         return rotate(states, cos, sin, self.interleaved, fused)
@@ -230,7 +244,7 @@ class DynamicRopeRuntime:
         additive = None if plain or self.base_name == "sdpa" else query.dtype
         for block in self._memo[plan_key]:
             if attention_mask is None:
-                mask = causal_mask(block, queries, length, additive).to(query.device)
+                mask = None if plain else causal_mask(block, queries, length, additive).to(query.device)
             else:
                 mask = attention_mask[:, :, block.start : block.stop, : block.keys]
 

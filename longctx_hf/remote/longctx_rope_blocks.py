@@ -20,7 +20,6 @@ needs more than MAX_TERMS terms.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -59,12 +58,16 @@ def terms_needed(x: torch.Tensor, tolerance) -> torch.Tensor:
     return terms
 
 
-def bessel_j(order: int, x: torch.Tensor) -> torch.Tensor:
-    """J_order(x) by its power series (float64; |x| <= 1 here, where 12 terms are exact to double precision)."""
-    half, total, term = x / 2, torch.zeros_like(x), (x / 2) ** order / math.factorial(order)
+def bessel_j(orders: int, x: torch.Tensor) -> torch.Tensor:
+    """J_0(x) .. J_{orders-1}(x), stacked on a new first dimension, by the power series (float64; |x| <= 1 here,
+    where 12 terms are exact to double precision)."""
+    r = torch.arange(orders, dtype=torch.float64).reshape(-1, *([1] * x.dim()))
+    half = x / 2
+    term = half ** r / torch.exp(torch.lgamma(r + 1))
+    total = torch.zeros_like(term)
     for m in range(12):
         total = total + term
-        term = -term * half * half / ((m + 1) * (m + 1 + order))
+        term = -term * half * half / ((m + 1) * (m + 1 + r))
     return total
 
 
@@ -107,11 +110,12 @@ def _block(frequencies, positions, key_positions, start, stop, keys, tolerance):
     # sigma^2 e^{i (w_p p - delta_p c)}, then times eps_r (-i)^r J_r(delta_p h) for term r
     base = scaling[..., None] ** 2 * torch.polar(torch.ones_like(delta), inv_freq * query_positions[..., None]
                                                  - delta * centre[:, None, None])
+    bessel = bessel_j(int(terms.max()), delta * half_width)
     kept, coefficients = [], []
-    for r in range(int(terms.max())):
+    for r in range(len(bessel)):
         needing = torch.nonzero(terms > r).flatten()
         lo, hi = int(needing[0]), int(needing[-1]) + 1  # a range (a slice, no gather); extra pairs only add accuracy
-        weight = (1 if r == 0 else 2) * (-1j) ** r * bessel_j(r, delta[..., lo:hi] * half_width)
+        weight = (1 if r == 0 else 2) * (-1j) ** r * bessel[r, ..., lo:hi]
         kept.append((lo, hi))
         coefficients.append((base[..., lo:hi] * weight)[:, None])
     return Block(start, stop, keys, reference, centre, half_width, kept, coefficients)
@@ -153,15 +157,20 @@ def key_features(key, block, key_positions, interleaved):
 
 def attend(query, key, value, mask, scaling):
     """softmax(q k^T * scaling + mask) v, as transformers' eager attention, with the query heads that share a key
-    head stacked into one matrix product (no copies of the wide key features). Output (rows, queries, heads, dv)."""
+    head stacked into one matrix product (no copies of the wide key features). Output (rows, queries, heads, dv).
+
+    mask None: causal, the queries being the last keys (only those columns need masking)."""
     rows, heads, queries, features = query.shape
     groups = heads // key.shape[1]
     query = (query * scaling).reshape(rows, key.shape[1], groups * queries, features)
     scores = torch.matmul(query, key.transpose(-1, -2)).view(rows, key.shape[1], groups, queries, -1)
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(
-            ~mask, torch.finfo(scores.dtype).min)
-    scores.add_(mask[:, :, None])  # (rows, 1, 1, queries, keys): the same for every head
+    if mask is None:
+        future = torch.ones(queries, queries, dtype=torch.bool, device=scores.device).triu(1)
+        scores[..., -queries:].masked_fill_(future, torch.finfo(scores.dtype).min)
+    elif mask.dtype == torch.bool:
+        scores.masked_fill_(~mask[:, :, None], torch.finfo(scores.dtype).min)
+    else:
+        scores.add_(mask[:, :, None])  # (rows, 1, 1, queries, keys): the same for every head
     probabilities = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
     output = torch.matmul(probabilities.view(rows, key.shape[1], groups * queries, -1), value)
     return output.view(rows, heads, queries, -1).transpose(1, 2)
