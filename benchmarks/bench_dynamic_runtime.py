@@ -61,13 +61,14 @@ def main():
                 out = model(prompt, use_cache=True)
                 prefill[name].append(time.perf_counter() - start)
                 caches[name] = _compat.output_cache(out)
-            for name, model in models.items():
-                cache, token = copy.deepcopy(caches[name]), prompt[:, -1:]
-                for _ in range(STEPS):
+            state = {name: (copy.deepcopy(caches[name]), prompt[:, -1:]) for name in models}
+            for _ in range(STEPS):  # one step of each model in turn
+                for name, model in models.items():
+                    cache, token = state[name]
                     start = time.perf_counter()
                     out = model(token, **{_compat.cache_keyword(model): cache}, use_cache=True)
                     steps[name].append(time.perf_counter() - start)
-                    cache, token = _compat.output_cache(out), out.logits[:, -1:].argmax(-1)
+                    state[name] = _compat.output_cache(out), out.logits[:, -1:].argmax(-1)
     base_step, base_prefill = statistics.median(steps["static RoPE"]), min(prefill["static RoPE"])
     print(f"L = {args.pretrained}, {args.threads} thread(s): prefill of {context} tokens (best of {ROUNDS}); "
           f"decode step at {context} tokens (median of {ROUNDS * STEPS})")

@@ -1,13 +1,14 @@
 """LongRoPE search on SmolLM2-135M (pretrained 8192 tokens), then the searched factors against YaRN on held-out text.
 
     python benchmarks/bench_longrope_search.py search FACTOR OUTPUT [--budget N]   # calibration: stdlib packages
-    python benchmarks/bench_longrope_search.py evaluate FACTOR OUTPUT [--passkey]   # held-out: stdlib top level
+    python benchmarks/bench_longrope_search.py evaluate FACTOR OUTPUT [--passkey yarn,longrope_searched]
 
 `search` runs `longctx_hf.search.run_search` (resumable: run it again to continue). `evaluate` scores the last
 4096 tokens of the text `longctx-hf eval` uses (never seen by the search) at L x FACTOR tokens, with the full
 context, for YaRN and the searched factors, against the unextended model with an 8k sliding window on the same
-tokens; and the same inside 8k (an 8192-token window), where the extension should cost nothing. `--passkey` adds
-passkey retrieval at L x FACTOR, depths 0.1 / 0.5 / 0.9, 3 keys each. Writes OUTPUT/evaluation-xF.json.
+tokens; and the same inside 8k (an 8192-token window), where the extension should cost nothing. `--passkey NAMES`
+adds passkey retrieval at L x FACTOR for those variants, depths 0.1 / 0.5 / 0.9, 3 keys each (a 16k prompt is one to
+two minutes here, so 9 per variant). Writes OUTPUT/evaluation-xF.json.
 """
 import argparse
 import json
@@ -44,7 +45,7 @@ def evaluate(factor, output, passkey):
         extend_context(model, "yarn" if name == "yarn" else "longrope", factor, **options)
         rows[name] = perplexity(nll_of_last(model, ids, SCORED), SCORED)
         rows[name + "_inside_8k"] = perplexity(nll_of_last(model, ids[-pretrained:], SCORED), SCORED)
-        if passkey:
+        if name in passkey:
             grid = passkey_grid(model, tokenizer, [length], [0.1, 0.5, 0.9], trials=3, seed=0)
             rows[name + "_passkey"] = sum(cell["correct"] for cell in grid), sum(cell["trials"] for cell in grid)
         print(name, {k: v for k, v in rows.items() if k.startswith(name)}, flush=True)
@@ -62,7 +63,7 @@ def main():
     parser.add_argument("factor", type=float)
     parser.add_argument("output")
     parser.add_argument("--budget", type=int, default=24)
-    parser.add_argument("--passkey", action="store_true")
+    parser.add_argument("--passkey", default="", help="comma-separated variants: yarn, longrope_searched")
     args = parser.parse_args()
     if args.part == "search":
         from longctx_hf.search import run_search
@@ -71,7 +72,7 @@ def main():
                             budget=args.budget)
         print(json.dumps({k: result.results[k] for k in ("best", "yarn_ppl", "evaluations", "seconds")}, indent=1))
     else:
-        evaluate(args.factor, args.output, args.passkey)
+        evaluate(args.factor, args.output, [name for name in args.passkey.split(",") if name])
 
 
 if __name__ == "__main__":

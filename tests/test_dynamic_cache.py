@@ -279,16 +279,16 @@ def test_a_saved_dynamic_yarn_config_with_bad_values_fails_on_load(tmp_path):
         AutoConfig.from_pretrained(tmp_path)
 
 
-def _paper_frequencies(method, theta, d, n, s=4.0):
+def _paper_frequencies(method, theta, d, n, s=4.0, L_=L):
     """Frequencies and attention scaling at length n from the papers (not the package): dynamic NTK grows the base,
     dynamic YaRN is YaRN with s = n / L; both are plain RoPE up to L."""
     from test_methods import paper_inv_freq, paper_yarn
 
-    if n <= L:
+    if n <= L_:
         return paper_inv_freq(theta, d), 1.0
     if method == "dynamic_ntk":
-        return paper_inv_freq(theta * ((s * n / L) - (s - 1)) ** (d / (d - 2)), d), 1.0
-    return paper_yarn(theta, d, L, n / L)
+        return paper_inv_freq(theta * ((s * n / L_) - (s - 1)) ** (d / (d - 2)), d), 1.0
+    return paper_yarn(theta, d, L_, n / L_)
 
 
 @pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
@@ -337,16 +337,22 @@ def _blocks_used(model):
     return [block for key, plan in active._memo.items() if key[0] == "blocks" for block in plan]
 
 
+def _blocks_model(kind, method, attention="sdpa", heads=2, kv_heads=1, dtype=torch.float32):
+    base = tiny_model(kind, num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64)
+    base.set_attn_implementation(attention)
+    return extend_context(base.to(dtype), method, 4)
+
+
 @pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
-@pytest.mark.parametrize("kind, attention", [("llama", "sdpa"), ("llama", "eager"), ("gpt_neox", "sdpa"),
-                                             ("cohere", "sdpa"), ("cohere", "eager"), ("gemma2", "eager")])
-def test_prefill_in_blocks_equals_decoding_token_by_token(kind, attention, method):
+@pytest.mark.parametrize("kind, attention, heads, kv_heads", [
+    ("llama", "sdpa", 2, 1), ("llama", "eager", 2, 1), ("llama", "sdpa", 4, 2), ("gpt_neox", "sdpa", 2, 2),
+    ("cohere", "sdpa", 2, 1), ("cohere", "eager", 2, 1), ("gemma2", "eager", 2, 1)])
+def test_prefill_in_blocks_equals_decoding_token_by_token(kind, attention, heads, kv_heads, method):
     """One forward over 4 L tokens (blocks of queries with several series terms) against the same tokens decoded one
     by one (each its own attention call with its own frequencies): halves and interleaved layouts, partial rotary
-    (gpt_neox), softcapping (gemma2, eager only: it goes through the wrapped attention), sdpa and eager."""
-    base = tiny_model(kind, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    base.set_attn_implementation(attention)
-    model = extend_context(base, method, 4)
+    (gpt_neox), grouped query heads, softcapping (gemma2, eager only: it goes through the wrapped attention), sdpa
+    and eager."""
+    model = _blocks_model(kind, method, attention, heads, kv_heads)
     ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         prefill = model(ids).logits
@@ -357,19 +363,67 @@ def test_prefill_in_blocks_equals_decoding_token_by_token(kind, attention, metho
 
 
 @pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
-def test_left_padded_prefill_past_pretrained_length_equals_each_row_alone(method):
-    model = extend_context(tiny_model("llama", max_position_embeddings=L), method, 4)
-    rows = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (4 * L, 3 * L - 5)]
-    ids = torch.zeros(2, 4 * L, dtype=torch.long)
-    mask = torch.zeros(2, 4 * L, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, -len(row):], mask[i, -len(row):] = row, 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+def test_chunked_prefill_and_the_wrapped_attention_path_equal_decoding_token_by_token(method, monkeypatch):
+    """Chunks of 48 tokens with a cache (queries fewer than keys), and the same through the wrapped sdpa with the
+    block's own causal mask (what a family with extra attention options takes)."""
+    model = _blocks_model("llama", method)
+    ids = torch.randint(0, 128, (1, 240), generator=torch.Generator().manual_seed(9))
+    reference = _decode_token_by_token(model, ids)
+    for plain in (True, False):
+        if not plain:
+            monkeypatch.setattr(runtime, "PLAIN_ATTENTION_KEYWORDS", ())
+        cache, chunks = None, []
+        with torch.no_grad():
+            for start in range(0, ids.shape[1], 48):
+                out = model(ids[:, start : start + 48], **{_compat.cache_keyword(model): cache}, use_cache=True)
+                cache = _compat.output_cache(out)
+                chunks.append(out.logits)
+            whole = model(ids).logits
+        for logits in (torch.cat(chunks, dim=1), whole):
+            error = (logits - reference).abs().max().item()
+            assert error <= 1e-5, (plain, error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+def test_block_attention_is_as_close_to_exact_as_one_call_per_query(method, dtype):
+    """Random queries and keys large enough for peaked attention, straight into the runtime's attention: the block
+    path against float64 attention with the papers' frequencies for every query, next to one call per query in the
+    same dtype. In bf16, one call per query computes its angles in float32, so the blocks must keep the series terms
+    that needs (a tolerance taken from bf16 alone drops them all)."""
+    model = _blocks_model("llama", method, dtype=dtype)
+    module = next(m for m in model.modules() if runtime.RUNTIME_ATTRIBUTE in m.__dict__)
+    active = getattr(module, runtime.RUNTIME_ATTRIBUTE)
+    n, d = 256, 32
+    generator = torch.Generator().manual_seed(10)
+    query, key, value = (3 * torch.randn(1, heads, n, d, generator=generator, dtype=torch.float64)
+                         for heads in (2, 1, 1))
+    theta = model.config.rope_parameters["rope_theta"]
+
+    def rotated(states, positions, inv_freq, scale):
+        angles = positions[:, None] * torch.tensor(inv_freq, dtype=torch.float64)
+        cos, sin = torch.cat([angles.cos()] * 2, -1) * scale, torch.cat([angles.sin()] * 2, -1) * scale
+        return states * cos + torch.cat([-states[..., d // 2 :], states[..., : d // 2]], -1) * sin
+
+    exact, single = [], []
+    for p in range(n):
+        inv_freq, scale = _paper_frequencies(method, theta, d, p + 1, L_=64)
+        positions = torch.arange(p + 1, dtype=torch.float64)
+        q, k = rotated(query[:, :, p : p + 1], positions[-1:], inv_freq, scale), rotated(key[:, :, : p + 1], positions,
+                                                                                          inv_freq, scale)
+        weights = (q @ k.transpose(-1, -2) * d ** -0.5).softmax(-1)
+        exact.append((weights @ value[:, :, : p + 1]).transpose(1, 2))
+        with torch.no_grad():
+            single.append(active.attention(module, query[:, :, p : p + 1].to(dtype), key[:, :, : p + 1].to(dtype),
+                                           value[:, :, : p + 1].to(dtype), None, position_ids=torch.tensor([[p]]),
+                                           scaling=d ** -0.5, dropout=0.0)[0].double())
+    exact, single = torch.cat(exact, dim=1), torch.cat(single, dim=1)
     with torch.no_grad():
-        logits = model(ids, attention_mask=mask, position_ids=positions).logits
-    for i, row in enumerate(rows):
-        error = (logits[i, -len(row):] - _decode_token_by_token(model, row[None])[0]).abs().max().item()
-        assert error <= 1e-5, (i, error)
+        blocks = active.attention(module, query.to(dtype), key.to(dtype), value.to(dtype), None,
+                                  position_ids=torch.arange(n)[None], scaling=d ** -0.5, dropout=0.0)[0].double()
+    one_call_each = (single - exact).abs().max().item()
+    assert one_call_each < (1.0 if dtype == torch.bfloat16 else 1e-4)  # values up to ~10: bf16 keeps ~2 digits
+    assert (blocks - exact).abs().max().item() <= 2 * one_call_each, (one_call_each, (blocks - exact).abs().max())
 
 
 def test_chebyshev_series_remainder_is_within_its_bound():
@@ -393,3 +447,22 @@ def test_chebyshev_series_remainder_is_within_its_bound():
                 previous, chebyshev = chebyshev, 2 * v * chebyshev - previous
             assert (total[:, 0] - exact[:, k]).abs().max().item() <= tolerance
         assert bool((terms[1:] >= terms[:-1]).all()) and int(terms[-1]) > int(terms[0])
+
+
+def test_decoding_after_inference_mode_and_with_gradients_through_several_steps():
+    """The reused buffer for rotated keys must neither leak an inference tensor into later decoding nor be
+    overwritten while autograd still holds the keys of an earlier step."""
+    model = extended("llama", "dynamic_ntk")
+    ids = torch.randint(0, 128, (1, 2 * L), generator=torch.Generator().manual_seed(11))
+    with torch.inference_mode():
+        first, _ = generate(model, ids, new=3)
+    second, _ = generate(model, ids, new=3)
+    assert torch.equal(first, second)
+    with torch.no_grad():
+        cache = _compat.output_cache(model(ids, use_cache=True))
+    total = 0
+    for token in (ids[:, -1:], ids[:, -2:-1]):  # two steps with gradients, one backward through both
+        out = model(token, **{_compat.cache_keyword(model): cache}, use_cache=True)
+        cache, total = _compat.output_cache(out), total + out.logits.sum()
+    total.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None

@@ -37,6 +37,7 @@ from . import longctx_compat as compat
 from .longctx_compat import InternalsChanged  # noqa: F401  (this form makes transformers ship the sibling file)
 from .longctx_rope_blocks import (
     MAX_BLOCK,
+    MAX_TERMS,
     attend,
     causal_mask,
     key_features,
@@ -108,15 +109,17 @@ def compute_dynamic_yarn_parameters(config, device=None, seq_len=None, layer_typ
     return inv_freq.to(torch.float32), _yarn_mscale(scale)
 
 
-def rotate(states, cos, sin, interleaved, fused=False):
+def rotate(states, cos, sin, interleaved, fused=False, scratch=None):
     """Rotate the first rotary_dim channels of (batch, heads, length, head_dim) states, as transformers does.
 
     `fused` (used where no transformers result has to be matched bit for bit) writes into one output with
-    multiply-add kernels: ~1.5x faster than transformers' formula, equal to it up to float rounding.
-    Out= kernels have no autograd, so training forwards take transformers' formula."""
+    multiply-add kernels: ~1.5x faster than transformers' formula, equal to it up to float rounding; into
+    `scratch(shape, like)` if given (a reused buffer: a fresh multi-MB tensor per layer and step costs page faults
+    comparable to the rotation itself). Out= kernels have no autograd, so training forwards take transformers'
+    formula."""
     half = cos.shape[-1]
     if fused and not interleaved and not (torch.is_grad_enabled() and states.requires_grad):
-        out = torch.empty_like(states)
+        out = torch.empty_like(states) if scratch is None else scratch(states)
         x1, x2, o1, o2 = states[..., :half], states[..., half : 2 * half], out[..., :half], out[..., half : 2 * half]
         torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
         torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
@@ -146,8 +149,9 @@ class DynamicRopeRuntime:
         self.original_inv_freq = original_inv_freq.detach().float().clone()
         self.interleaved = interleaved
         self.base_name, self.base_attention = base_name, base_attention
-        self.block_size = block_size  # queries per attention call past L (1: one call per query)
-        self._frequencies, self._pretrained = {}, {}
+        self.block_size = block_size  # queries per attention call past L at most (1: one call per query)
+        self.max_terms = MAX_TERMS  # blocks are halved until no pair needs more series terms
+        self._frequencies, self._pretrained, self._buffer = {}, {}, None
         self._memo_key, self._memo = None, {}
 
     def frequencies(self, n: int, device):
@@ -171,9 +175,12 @@ class DynamicRopeRuntime:
             return cos[index].to(dtype)[:, None], sin[index].to(dtype)[:, None]
         pairs = [self.frequencies(int(n), device) for n in row_lengths.tolist()]
         inv_freq = torch.stack([f for f, _ in pairs])[:, None, :]
-        scaling = torch.tensor([s for _, s in pairs], dtype=torch.float32, device=device)[:, None, None]
         freqs = key_positions[..., None].float() * inv_freq
-        return (freqs.cos() * scaling).to(dtype)[:, None], (freqs.sin() * scaling).to(dtype)[:, None]
+        cos, sin = freqs.cos(), freqs.sin_()  # in place: fewer fresh tensors per step
+        if any(s != 1.0 for _, s in pairs):  # (multiplying by 1.0 would change no bit)
+            scaling = torch.tensor([s for _, s in pairs], dtype=torch.float32, device=device)[:, None, None]
+            cos.mul_(scaling), sin.mul_(scaling)
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
     def _pretrained_table(self, rows, device):
         """cos, sin of positions 0 .. rows-1 with the pretrained frequencies (the same float32 arithmetic as
@@ -185,8 +192,19 @@ class DynamicRopeRuntime:
             self._pretrained[device] = table = (freqs.cos(), freqs.sin())
         return table
 
-    def rotate(self, states, cos, sin, fused=False):
-        return rotate(states, cos, sin, self.interleaved, fused)
+    def rotate(self, states, cos, sin, fused=False, reuse=False):
+        # with gradients on, autograd may keep the rotated keys (e.g. an adapter on the queries only): no reuse
+        reuse = reuse and not torch.is_grad_enabled()
+        return rotate(states, cos, sin, self.interleaved, fused, self._scratch if reuse else None)
+
+    def _scratch(self, like):
+        """A contiguous tensor shaped like `like`, from one buffer reused by every layer and step (each layer's
+        rotated keys are consumed by its attention call before the next layer rotates)."""
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < like.numel() or buffer.dtype != like.dtype or \
+                buffer.device != like.device or buffer.is_inference() != torch.is_inference_mode_enabled():
+            self._buffer = buffer = torch.empty(int(like.numel() * 1.25) + 1024, dtype=like.dtype, device=like.device)
+        return buffer[: like.numel()].view(like.shape)
 
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         position_ids = kwargs.get("position_ids")
@@ -209,7 +227,7 @@ class DynamicRopeRuntime:
             cos, sin = self._memo[memo_key]
             fused = int(lengths.max()) > self.original_length
             query = self.rotate(query, cos[..., length - queries :, :], sin[..., length - queries :, :], fused)
-            key = self.rotate(key, cos, sin, fused)
+            key = self.rotate(key, cos, sin, fused, reuse=True)
             return self.base_attention(module, query, key, value, attention_mask, **kwargs)
         return self._attention_in_blocks(module, query, key, value, attention_mask, positions, key_positions,
                                          lengths, **kwargs)
@@ -238,7 +256,7 @@ class DynamicRopeRuntime:
         if plan_key not in self._memo:
             self._memo[plan_key] = plan_blocks(lambda n: self.frequencies(n, torch.device("cpu")), positions.cpu(),
                                                key_positions.cpu(), first, length, unit_roundoff(query.dtype),
-                                               self.block_size)
+                                               query.shape[1], self.block_size, self.max_terms)
         plain = (set(kwargs) <= set(PLAIN_ATTENTION_KEYWORDS) and not kwargs.get("dropout")
                  and not kwargs.get("output_attentions") and (attention_mask is None or attention_mask.shape[1] == 1))
         additive = None if plain or self.base_name == "sdpa" else query.dtype

@@ -11,12 +11,13 @@ half-width, |v| <= 1), the Jacobi-Anger expansion gives
     e^{-i w_p j} = e^{-i w_ref j} * e^{-i delta_p c} * sum_r eps_r (-i)^r J_r(delta_p h) T_r(v)
 (J_r Bessel functions of the first kind, T_r Chebyshev polynomials, eps_0 = 1, eps_r = 2). |T_r| <= 1 and
 |J_r(x)| <= (x/2)^r / r!, so cutting pair i after R_i terms leaves at most 3 (x_i/2)^R / R! with x_i = max |delta_i| h.
-R_i is the first R that brings this below the rounding that pair's angle already has in one call per query, which
-computes w_i j in the attention's dtype: u * max(1, w_i * largest position), u its unit roundoff (2^-24 for
-float32). So the block's scores equal one call per query up to that call's own rounding. Each kept term is one more set of features: keys rotated
+R_i is the first R that brings this below the rounding one call per query already has for that pair: it computes
+the angle w_i j in float32 (rounding up to 2^-24 * max(1, w_i * largest position)) and rounds cos and sin to the
+attention's dtype (its unit roundoff u: 2^-24 in float32, 2^-8 in bf16). So the block's scores equal one call per
+query up to that call's own rounding. Each kept term is one more set of features: keys rotated
 once per block with w_ref and multiplied by T_r(v), queries rotated by the rest. One attention call then serves the
 block, with 2 * sum_i R_i + (head_dim - rotary_dim) features instead of head_dim. Blocks are split until no pair
-needs more than MAX_TERMS terms.
+needs more than MAX_TERMS terms, and kept small enough that a block's scores stay within MAX_SCORES entries.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import torch
 
 MAX_BLOCK = 64
 MAX_TERMS = 6
+MAX_SCORES = 2 ** 25  # entries of a block's score matrix (128 MB in float32): bounds memory at any context length
+FLOAT32_ROUNDOFF = 2.0 ** -24
 
 
 @dataclass
@@ -71,19 +74,21 @@ def bessel_j(orders: int, x: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def plan_blocks(frequencies, positions, key_positions, start, length, tolerance, max_block=MAX_BLOCK,
-                max_terms=MAX_TERMS):
-    """Split queries [start, queries) into blocks whose series need at most `max_terms` terms per pair.
+def plan_blocks(frequencies, positions, key_positions, start, length, roundoff, heads, max_block=MAX_BLOCK,
+                max_terms=MAX_TERMS, max_scores=MAX_SCORES):
+    """Split queries [start, queries) into blocks whose series need at most `max_terms` terms per pair and whose
+    score matrix (heads x block x keys) has at most `max_scores` entries.
 
     `frequencies(n)` -> (inv_freq float32 (pairs,), attention scaling) at length n; positions (rows, queries);
-    key_positions (rows, length) of the keys, consecutive, the last one the last query's; `tolerance`: the unit
+    key_positions (rows, length) of the keys, consecutive, the last one the last query's; `roundoff`: the unit
     roundoff of the attention's dtype."""
     queries = positions.shape[1]
     blocks = []
     while start < queries:
         stop = min(start + max_block, queries)
+        stop = min(stop, start + max(1, max_scores // (heads * (length - queries + stop))))
         while True:
-            block = _block(frequencies, positions, key_positions, start, stop, length - queries + stop, tolerance)
+            block = _block(frequencies, positions, key_positions, start, stop, length - queries + stop, roundoff)
             if block is not None and len(block.kept) <= max_terms or stop - start == 1:
                 break
             stop = start + (stop - start) // 2
@@ -92,7 +97,7 @@ def plan_blocks(frequencies, positions, key_positions, start, length, tolerance,
     return blocks
 
 
-def _block(frequencies, positions, key_positions, start, stop, keys, tolerance):
+def _block(frequencies, positions, key_positions, start, stop, keys, roundoff):
     table = [[frequencies(int(p) + 1) for p in row] for row in positions[:, start:stop].tolist()]
     inv_freq = torch.stack([torch.stack([f for f, _ in row]) for row in table]).double()  # (rows, block, pairs)
     scaling = torch.tensor([[s for _, s in row] for row in table], dtype=torch.float64)  # (rows, block)
@@ -105,7 +110,9 @@ def _block(frequencies, positions, key_positions, start, stop, keys, tolerance):
     if float(x.max()) > 1:  # outside the range the bound was derived for: the caller splits the block
         return None
     largest_position = float(max(first.abs().max(), last.abs().max()))
-    terms = terms_needed(x, tolerance * (reference.double().amax(dim=0) * largest_position).clamp(min=1))
+    # one call per query: the angle in float32, then cos and sin rounded to the attention's dtype
+    angle_rounding = FLOAT32_ROUNDOFF * (reference.double().amax(dim=0) * largest_position).clamp(min=1)
+    terms = terms_needed(x, angle_rounding + roundoff)
     query_positions = positions[:, start:stop].double().cpu()
     # sigma^2 e^{i (w_p p - delta_p c)}, then times eps_r (-i)^r J_r(delta_p h) for term r
     base = scaling[..., None] ** 2 * torch.polar(torch.ones_like(delta), inv_freq * query_positions[..., None]
