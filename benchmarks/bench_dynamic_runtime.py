@@ -7,7 +7,8 @@ A SmolLM2-135M-shaped LLaMA (hidden 576, 9 heads, 3 KV heads, head_dim 64) with 
 pretrained length L (default 512), so past L dynamic scaling is active. Prefill: one forward of 4 L tokens, best of
 ROUNDS. Decode: the 4 L-token cache is filled once by each model's own prefill, then STEPS tokens are decoded one by
 one from a copy of it; the median step is reported. Rounds are interleaved, so that load hits every model alike.
-transformers' own dynamic NTK (cache-inexact) is shown for reference.
+transformers' own dynamic NTK (cache-inexact) is shown for reference, and the exact runtime with blocks of one
+query (one attention call per prompt token past L) to show what the blocks save.
 """
 import argparse
 import copy
@@ -18,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from longctx_hf import _compat, extend_context
+from longctx_hf.remote import longctx_dynamic_rope as runtime
 
 STEPS, ROUNDS = 40, 3
 
@@ -38,8 +40,13 @@ def models_for(pretrained):
     native_config._attn_implementation_internal = "sdpa"
     native = AutoModelForCausalLM.from_config(native_config).eval()
     native.load_state_dict(static.state_dict())
+    per_query = twin("dynamic_ntk")
+    for module in per_query.modules():  # the same runtime with blocks of one query: one attention call per token
+        if runtime.RUNTIME_ATTRIBUTE in module.__dict__:
+            getattr(module, runtime.RUNTIME_ATTRIBUTE).block_size = 1
     return {"static RoPE": static, "dynamic_ntk (exact)": twin("dynamic_ntk"),
-            "dynamic_yarn (exact)": twin("dynamic_yarn"), "transformers dynamic (inexact)": native}
+            "dynamic_yarn (exact)": twin("dynamic_yarn"), "dynamic_ntk, 1 query/call": per_query,
+            "transformers dynamic (inexact)": native}
 
 
 def main():

@@ -8,7 +8,8 @@
 context, for YaRN and the searched factors, against the unextended model with an 8k sliding window on the same
 tokens; and the same inside 8k (an 8192-token window), where the extension should cost nothing. `--passkey NAMES`
 adds passkey retrieval at L x FACTOR for those variants, depths 0.1 / 0.5 / 0.9, 3 keys each (a 16k prompt is one to
-two minutes here, so 9 per variant). Writes OUTPUT/evaluation-xF.json.
+two minutes here, so 9 per variant). `--variants` picks which of the two run. Writes
+OUTPUT/evaluation-xF-VARIANTS.json.
 """
 import argparse
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 SCORED = 4096
 
 
-def evaluate(factor, output, passkey):
+def evaluate(factor, output, passkey, names=("yarn", "longrope_searched")):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -41,6 +42,7 @@ def evaluate(factor, output, passkey):
     rows["none_inside_8k"] = perplexity(nll_of_last(model, ids[-pretrained:], SCORED), SCORED)
     variants = {"yarn": {}, "longrope_searched": dict(long_factor=searched["long_factor"],
                                                       attention_factor=searched["attention_factor"])}
+    variants = {name: options for name, options in variants.items() if name in names}
     for name, options in variants.items():
         extend_context(model, "yarn" if name == "yarn" else "longrope", factor, **options)
         rows[name] = perplexity(nll_of_last(model, ids, SCORED), SCORED)
@@ -53,7 +55,7 @@ def evaluate(factor, output, passkey):
         rows[name + "_ratio"] = rows[name] / rows["baseline_8k_window"]
         rows[name + "_inside_8k_ratio"] = rows[name + "_inside_8k"] / rows["none_inside_8k"]
     rows["seconds"] = time.perf_counter() - started
-    (Path(output) / f"evaluation-x{factor:g}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (Path(output) / f"evaluation-x{factor:g}-{'-'.join(variants)}.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(json.dumps(rows, indent=1))
 
 
@@ -64,6 +66,7 @@ def main():
     parser.add_argument("output")
     parser.add_argument("--budget", type=int, default=24)
     parser.add_argument("--passkey", default="", help="comma-separated variants: yarn, longrope_searched")
+    parser.add_argument("--variants", default="yarn,longrope_searched", help="which variants to evaluate")
     args = parser.parse_args()
     if args.part == "search":
         from longctx_hf.search import run_search
@@ -72,7 +75,8 @@ def main():
                             budget=args.budget)
         print(json.dumps({k: result.results[k] for k in ("best", "yarn_ppl", "evaluations", "seconds")}, indent=1))
     else:
-        evaluate(args.factor, args.output, [name for name in args.passkey.split(",") if name])
+        evaluate(args.factor, args.output, [name for name in args.passkey.split(",") if name],
+                 args.variants.split(","))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from .longctx_compat import InternalsChanged  # noqa: F401  (this form makes tra
 from .longctx_rope_blocks import (
     MAX_BLOCK,
     MAX_TERMS,
+    Workspace,
     attend,
     causal_mask,
     key_features,
@@ -152,6 +153,7 @@ class DynamicRopeRuntime:
         self.block_size = block_size  # queries per attention call past L at most (1: one call per query)
         self.max_terms = MAX_TERMS  # blocks are halved until no pair needs more series terms
         self._frequencies, self._pretrained, self._buffer = {}, {}, None
+        self.workspace = Workspace()
         self._memo_key, self._memo = None, {}
 
     def frequencies(self, n: int, device):
@@ -267,10 +269,12 @@ class DynamicRopeRuntime:
                 mask = attention_mask[:, :, block.start : block.stop, : block.keys]
 
             def block_attention(query_block, key_block, value_block, block=block, mask=mask):
+                workspace = None if torch.is_grad_enabled() else self.workspace
                 features = (query_features(query_block, block, self.interleaved),
-                            key_features(key_block, block, key_positions[:, : block.keys], self.interleaved))
+                            key_features(key_block, block, key_positions[:, : block.keys], self.interleaved,
+                                         workspace))
                 if plain:
-                    return attend(*features, value_block, mask, kwargs["scaling"])
+                    return attend(*features, value_block, mask, kwargs["scaling"], workspace)
                 return self.base_attention(module, *features, value_block, mask, **kwargs)[0]
 
             arguments = (query[:, :, block.start : block.stop], key[:, :, : block.keys], value[:, :, : block.keys])

@@ -21,6 +21,7 @@ needs more than MAX_TERMS terms, and kept small enough that a block's scores sta
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -146,31 +147,69 @@ def query_features(query, block, interleaved):
     return torch.cat(features, dim=-1)
 
 
-def key_features(key, block, key_positions, interleaved):
+class Workspace:
+    """Buffers reused by every block and layer of inference forwards. Fresh score and feature tensors a little
+    larger at every block (the keys grow) fragment the C heap: measured, a 16k prompt's peak memory grew by the
+    size of one block's scores per block (+2 GB) without them."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def take(self, name, shape, like):
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device \
+                or buffer.is_inference() != torch.is_inference_mode_enabled():
+            self._buffers[name] = buffer = torch.empty(int(numel * 1.25) + 4096, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(shape)
+
+
+def key_features(key, block, key_positions, interleaved, workspace=None):
     """(rows, kv heads, keys, features): keys rotated with the block's reference frequencies, times T_r(v) per
-    term."""
-    real, imag, rest = _split(key, block.kept[0][1], interleaved)
+    term. Written into `workspace` if given (inference only: out= kernels have no autograd)."""
+    pairs = block.kept[0][1]
+    real, imag, rest = _split(key, pairs, interleaved)
     angles = key_positions[..., None].float() * block.reference.to(key.device)[:, None, :]  # float32, as transformers
     cos, sin = angles.cos().to(key.dtype)[:, None], angles.sin().to(key.dtype)[:, None]
-    rotated_real, rotated_imag = real * cos - imag * sin, imag * cos + real * sin
     offsets = ((key_positions.double().cpu() - block.centre[:, None]) / block.half_width)
     offsets = offsets.to(key.device, key.dtype)[:, None, :, None]
-    features, previous, chebyshev = [rest, rotated_real, rotated_imag], torch.ones_like(offsets), offsets
-    for lo, hi in block.kept[1:]:  # T_1 = v, T_{r+1} = 2 v T_r - T_{r-1}
-        features += [rotated_real[..., lo:hi] * chebyshev, rotated_imag[..., lo:hi] * chebyshev]
-        previous, chebyshev = chebyshev, 2 * offsets * chebyshev - previous
-    return torch.cat(features, dim=-1)
+    if workspace is None:
+        rotated_real, rotated_imag = real * cos - imag * sin, imag * cos + real * sin
+        features, previous, chebyshev = [rest, rotated_real, rotated_imag], torch.ones_like(offsets), offsets
+        for lo, hi in block.kept[1:]:  # T_1 = v, T_{r+1} = 2 v T_r - T_{r-1}
+            features += [rotated_real[..., lo:hi] * chebyshev, rotated_imag[..., lo:hi] * chebyshev]
+            previous, chebyshev = chebyshev, 2 * offsets * chebyshev - previous
+        return torch.cat(features, dim=-1)
+    width = rest.shape[-1] + 2 * sum(hi - lo for lo, hi in block.kept)
+    out = workspace.take("keys", (*key.shape[:-1], width), key)
+    at = rest.shape[-1]
+    out[..., :at] = rest
+    rotated_real, rotated_imag = out[..., at : at + pairs], out[..., at + pairs : at + 2 * pairs]
+    torch.mul(real, cos, out=rotated_real).addcmul_(imag, sin, value=-1)
+    torch.mul(imag, cos, out=rotated_imag).addcmul_(real, sin)
+    at, previous, chebyshev = at + 2 * pairs, torch.ones_like(offsets), offsets
+    for lo, hi in block.kept[1:]:
+        torch.mul(rotated_real[..., lo:hi], chebyshev, out=out[..., at : at + hi - lo])
+        torch.mul(rotated_imag[..., lo:hi], chebyshev, out=out[..., at + hi - lo : at + 2 * (hi - lo)])
+        at, previous, chebyshev = at + 2 * (hi - lo), chebyshev, 2 * offsets * chebyshev - previous
+    return out
 
 
-def attend(query, key, value, mask, scaling):
+def attend(query, key, value, mask, scaling, workspace=None):
     """softmax(q k^T * scaling + mask) v, as transformers' eager attention, with the query heads that share a key
     head stacked into one matrix product (no copies of the wide key features). Output (rows, queries, heads, dv).
 
-    mask None: causal, the queries being the last keys (only those columns need masking)."""
+    mask None: causal, the queries being the last keys (only those columns need masking). Scores go into
+    `workspace` if given (inference only)."""
     rows, heads, queries, features = query.shape
     groups = heads // key.shape[1]
     query = (query * scaling).reshape(rows, key.shape[1], groups * queries, features)
-    scores = torch.matmul(query, key.transpose(-1, -2)).view(rows, key.shape[1], groups, queries, -1)
+    if workspace is None:
+        scores = torch.matmul(query, key.transpose(-1, -2))
+    else:
+        scores = workspace.take("scores", (rows, key.shape[1], groups * queries, key.shape[2]), query)
+        torch.matmul(query, key.transpose(-1, -2), out=scores)
+    scores = scores.view(rows, key.shape[1], groups, queries, -1)
     if mask is None:
         future = torch.ones(queries, queries, dtype=torch.bool, device=scores.device).triu(1)
         scores[..., -queries:].masked_fill_(future, torch.finfo(scores.dtype).min)
@@ -178,7 +217,11 @@ def attend(query, key, value, mask, scaling):
         scores.masked_fill_(~mask[:, :, None], torch.finfo(scores.dtype).min)
     else:
         scores.add_(mask[:, :, None])  # (rows, 1, 1, queries, keys): the same for every head
-    probabilities = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
+    if workspace is not None and scores.dtype == torch.float32:  # in place: no fresh block-sized tensor
+        probabilities = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+        probabilities.div_(probabilities.sum(dim=-1, keepdim=True))
+    else:
+        probabilities = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
     output = torch.matmul(probabilities.view(rows, key.shape[1], groups * queries, -1), value)
     return output.view(rows, heads, queries, -1).transpose(1, 2)
 
