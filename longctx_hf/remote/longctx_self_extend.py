@@ -34,6 +34,7 @@ from . import longctx_compat as compat
 from . import longctx_dynamic_rope as shared
 from .longctx_compat import InternalsChanged  # noqa: F401  (this form makes transformers ship the sibling files)
 from .longctx_dynamic_rope import REMOTE_FILE as SHARED_FILE  # noqa: F401
+from .longctx_rope_blocks import MAX_BLOCK  # noqa: F401  (transformers 5.0 ships only direct relative imports)
 
 ROPE_TYPE = "self_extend"
 ATTENTION_NAME = "longctx_self_extend"
