@@ -18,7 +18,8 @@ How:
   function is registered under the same name) rotates each query and all keys it sees with the frequencies of the
   query's length, computed by the rope init function transformers itself uses for the rope type, then calls the
   wrapped attention. Decode steps (one query) and tokens below the pretrained length L (plain RoPE) cost one
-  rotation of the keys per layer; prompt tokens past L each need their own rotation (one attention call each).
+  rotation of the keys per layer; prompt tokens past L, whose frequencies all differ, are served in blocks of
+  queries by an exact series expansion of their frequency offsets (longctx_rope_blocks.py).
 Keys are assumed to hold consecutive positions ending at the last query's position (true for DynamicCache, sliding
 windows, left padding and generate); pad keys get meaningless angles but are masked.
 """
