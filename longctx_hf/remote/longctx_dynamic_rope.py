@@ -111,17 +111,15 @@ def compute_dynamic_yarn_parameters(config, device=None, seq_len=None, layer_typ
     return inv_freq.to(torch.float32), _yarn_mscale(scale)
 
 
-def rotate(states, cos, sin, interleaved, fused=False, scratch=None):
+def rotate(states, cos, sin, interleaved, fused=False, out=None):
     """Rotate the first rotary_dim channels of (batch, heads, length, head_dim) states, as transformers does.
 
-    `fused` (used where no transformers result has to be matched bit for bit) writes into one output with
-    multiply-add kernels: ~1.5x faster than transformers' formula, equal to it up to float rounding; into
-    `scratch(shape, like)` if given (a reused buffer: a fresh multi-MB tensor per layer and step costs page faults
-    comparable to the rotation itself). Out= kernels have no autograd, so training forwards take transformers'
-    formula."""
+    `fused` (used where no transformers result has to be matched bit for bit) writes into one output (`out` if
+    given) with multiply-add kernels: ~1.5x faster than transformers' formula, equal to it up to float rounding.
+    Out= kernels have no autograd, so training forwards take transformers' formula."""
     half = cos.shape[-1]
     if fused and not interleaved and not (torch.is_grad_enabled() and states.requires_grad):
-        out = torch.empty_like(states) if scratch is None else scratch(states)
+        out = torch.empty_like(states) if out is None else out
         x1, x2, o1, o2 = states[..., :half], states[..., half : 2 * half], out[..., :half], out[..., half : 2 * half]
         torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
         torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
@@ -153,8 +151,8 @@ class DynamicRopeRuntime:
         self.base_name, self.base_attention = base_name, base_attention
         self.block_size = block_size  # queries per attention call past L at most (1: one call per query)
         self.max_terms = MAX_TERMS  # blocks are halved until no pair needs more series terms
-        self._frequencies, self._pretrained, self._buffer = {}, {}, None
-        self.workspace = Workspace()
+        self._frequencies, self._pretrained = {}, {}
+        self.workspace = Workspace()  # buffers reused across layers and steps by inference forwards
         self._memo_key, self._memo = None, {}
 
     def frequencies(self, n: int, device):
@@ -196,18 +194,13 @@ class DynamicRopeRuntime:
         return table
 
     def rotate(self, states, cos, sin, fused=False, reuse=False):
-        # with gradients on, autograd may keep the rotated keys (e.g. an adapter on the queries only): no reuse
-        reuse = reuse and not torch.is_grad_enabled()
-        return rotate(states, cos, sin, self.interleaved, fused, self._scratch if reuse else None)
-
-    def _scratch(self, like):
-        """A contiguous tensor shaped like `like`, from one buffer reused by every layer and step (each layer's
-        rotated keys are consumed by its attention call before the next layer rotates)."""
-        buffer = self._buffer
-        if buffer is None or buffer.numel() < like.numel() or buffer.dtype != like.dtype or \
-                buffer.device != like.device or buffer.is_inference() != torch.is_inference_mode_enabled():
-            self._buffer = buffer = torch.empty(int(like.numel() * 1.25) + 1024, dtype=like.dtype, device=like.device)
-        return buffer[: like.numel()].view(like.shape)
+        """`reuse`: write into the workspace (a fresh multi-MB tensor per layer and step costs page faults comparable
+        to the rotation itself; each layer's rotated keys are consumed by its attention call before the next layer
+        rotates). Not with gradients on: autograd may keep the rotated keys (e.g. an adapter on the queries only)."""
+        out = None
+        if reuse and fused and not self.interleaved and not torch.is_grad_enabled():
+            out = self.workspace.take("rotated keys", states.shape, states)
+        return rotate(states, cos, sin, self.interleaved, fused, out)
 
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         position_ids = kwargs.get("position_ids")

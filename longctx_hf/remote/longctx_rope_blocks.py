@@ -148,9 +148,10 @@ def query_features(query, block, interleaved):
 
 
 class Workspace:
-    """Buffers reused by every block and layer of inference forwards. Fresh score and feature tensors a little
-    larger at every block (the keys grow) fragment the C heap: measured, a 16k prompt's peak memory grew by the
-    size of one block's scores per block (+2 GB) without them."""
+    """Named buffers reused by every block, layer and step of inference forwards (a buffer is consumed before the
+    next use of its name). Fresh score and feature tensors a little larger at every block (the keys grow) fragment
+    the C heap: measured, a 16k prompt's peak memory grew by the size of one block's scores per block (+2 GB)
+    without them."""
 
     def __init__(self):
         self._buffers = {}
