@@ -169,7 +169,7 @@ def _finetune(args) -> int:
     final = result.log_history[-1]
     if result.is_main_process:
         print(f"saved {result.output_dir} after {final['step']} steps, train loss {final['train_loss']:.4f}, "
-              f"{final['train_tokens_per_second']:.0f} tokens/s")
+              f"{final['train_tokens_per_second']:.0f} tokens/s (processes: {result.distributed})")
     return 0
 
 

@@ -169,6 +169,10 @@ class FinetuneResult:
     model: object  # the trained model in memory (LoRA merged), as saved
     log_history: list
     is_main_process: bool = True
+    # how the processes shared the work: accelerate's distributed type ("NO", "MULTI_CPU" = DDP, "FSDP", ...), or
+    # "FSDP2_CPU" when this package sharded CPU processes itself (longctx_hf/sharding.py). Under FSDP, `model` is
+    # the sharded module: reload the saved folder for a plain one.
+    distributed: str = "NO"
 
 
 def finetune(model, **options) -> FinetuneResult:
@@ -269,6 +273,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
 
     from .data import packed_dataset
     from .real_model import resolve_model
+    from .sharding import ShardedTrainingState, cpu_sharding_settings, full_tensor, shard_model
 
     model_path = resolve_model(str(opts.model))
 
@@ -278,26 +283,36 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=opts.grad_accum, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    if opts.lora and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        raise ValueError(f"lora=True is not supported under {accelerator.distributed_type.name}: merging needs the "
-                         "full adapters on one process; fine-tune without LoRA there")
+    _check_process_count(accelerator)
+    sharding = cpu_sharding_settings(accelerator.distributed_type.name, accelerator.mixed_precision)
+    if opts.lora and (accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") or sharding):
+        raise ValueError(f"lora=True is not supported under {'FSDP' if sharding else accelerator.distributed_type.name}"
+                         ": merging needs the full adapters on one process; fine-tune without LoRA there")
     set_seed(opts.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dataset = packed_dataset(opts.data, tokenizer, opts.max_length, opts.separate_documents, opts.text_column)
 
     model, use_cache = _load_for_training(opts, model_path)
+    if sharding:
+        model = shard_model(model, sharding)  # before the optimizer is built: it must hold the sharded parameters
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel, as HF Trainer's default optimizer on torch >= 2.8 ("adamw_torch_fused"); with the default
     # foreach kernel this loop ran at 0.95-0.97x the Trainer's tokens/s (SmolLM2, 512 tokens, CPU). Not under
     # FSDP/DeepSpeed, which shard or replace the parameters.
-    fused = accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED")
+    fused = accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED") and sharding is None
     optimizer = torch.optim.AdamW(trainable, lr=opts.learning_rate, weight_decay=opts.weight_decay, fused=fused)
     scheduler = get_scheduler(LR_SCHEDULERS[opts.lr_scheduler], optimizer, num_warmup_steps=opts.resolved_warmup_steps, num_training_steps=opts.steps)
     loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, shuffle=True, drop_last=True)
     if len(loader) == 0:
         raise ValueError(f"the data packs into {len(dataset)} blocks, fewer than batch_size={opts.batch_size}")
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if sharding:
+        # accelerate would wrap the sharded model in DDP and save only the main process's optimizer shards: it
+        # prepares the data only, and saves model and optimizer through a gathered state.
+        loader = accelerator.prepare(loader)
+        accelerator.register_for_checkpointing(ShardedTrainingState(model, optimizer))
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces parameters in prepare
     # The scheduler is stepped once per optimizer step by hand (not prepared: accelerate would step it once per
     # process), and saved with the rest of the state.
@@ -331,10 +346,11 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and opts.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, opts.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                if accelerator.sync_gradients:  # explicit: the optimizer is not accelerate's when sharded here
+                    if opts.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, opts.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
             window_loss += loss.detach().float()
             window_micro += 1
             tokens_run += tokens_per_micro_batch
@@ -355,7 +371,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
                 entry = {"loss": round(mean_loss, 6), "learning_rate": learning_rate, "step": state.global_step,
                          "epoch": round(state.epoch, 6)}
                 if grad_norm is not None:
-                    entry["grad_norm"] = float(grad_norm)
+                    entry["grad_norm"] = float(full_tensor(grad_norm))
                 state.log_history.append(entry)
                 tokens_per_second = tokens_run / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
@@ -374,9 +390,22 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
         "train_samples_per_second": round(steps_run * opts.grad_accum * opts.batch_size
                                           * accelerator.num_processes / runtime, 3),
         "train_steps_per_second": round(steps_run / runtime, 3)})
-    trained = _save_final(accelerator, model, tokenizer, state, opts, use_cache)
+    trained = _save_final(accelerator, model, tokenizer, state, opts, use_cache, sharded=sharding is not None)
     return FinetuneResult(output_dir=str(opts.output_dir), model=trained, log_history=state.log_history,
-                          is_main_process=accelerator.is_main_process)
+                          is_main_process=accelerator.is_main_process,
+                          distributed="FSDP2_CPU" if sharding else accelerator.distributed_type.name)
+
+
+def _check_process_count(accelerator):
+    """Refuse a launch whose processes do not form one job: each would train on all the data and write the output.
+
+    That is what accelerate does when launched for GPUs on a machine without one: every process runs alone.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise ValueError(f"launched as {launched} processes, but accelerate runs them as {accelerator.num_processes} "
+                         f"({accelerator.distributed_type.name}): on CPU processes set ACCELERATE_USE_CPU=true "
+                         "(see configs/cpu_2proc.yaml and configs/fsdp_cpu.yaml)")
 
 
 def _save_checkpoint(accelerator, state, folder: Path):
@@ -387,9 +416,10 @@ def _save_checkpoint(accelerator, state, folder: Path):
     accelerator.wait_for_everyone()
 
 
-def _save_final(accelerator, model, tokenizer, state, opts, use_cache):
+def _save_final(accelerator, model, tokenizer, state, opts, use_cache, sharded):
     """One HF checkpoint, written by the main process into a staging folder and then moved into place."""
     from . import _compat
+    from .sharding import full_model_state_dict
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -397,6 +427,8 @@ def _save_final(accelerator, model, tokenizer, state, opts, use_cache):
         # Only DDP / one process here (refused under FSDP and DeepSpeed above): the adapters are whole.
         unwrapped = unwrapped.merge_and_unload()
         state_dict = unwrapped.state_dict()
+    elif sharded:
+        state_dict = full_model_state_dict(model)
     else:
         state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards on the main process
     unwrapped.config.use_cache = use_cache

@@ -205,32 +205,149 @@ def test_lora_alone_keeps_embeddings_and_norms(tiny_checkpoint, tmp_path):
                            base["model.layers.0.self_attn.v_proj.weight"])
 
 
-def test_two_cpu_processes_write_one_checkpoint(tiny_checkpoint, tmp_path):
+def launch_two_cpu_processes(config, tiny_checkpoint, output, *finetune_args):
     """A real `accelerate launch` of two gloo processes through the CLI module entry point."""
-    output = tmp_path / "ddp"
     with socket.socket() as probe:  # a free port: other jobs on this machine may hold a fixed one
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-               str(REPO / "configs" / "cpu_2proc.yaml"), "--num_processes", "2", "--main_process_port", str(port),
+               str(REPO / "configs" / config), "--num_processes", "2", "--main_process_port", str(port),
                "-m", "longctx_hf.cli", "finetune", str(tiny_checkpoint), "--method", "yarn", "--factor", "2",
-               "--data", str(STDLIB / "json"), "--max-length", "64", "--steps", "4", "--save-steps", "2",
-               "--learning-rate", "1e-3", "--output", str(output)]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+               "--data", str(STDLIB / "json"), "--max-length", "64", "--learning-rate", "1e-3",
+               "--output", str(output), *finetune_args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def logged(folder):
+    state = json.loads((Path(folder) / "trainer_state.json").read_text())
+    return [e for e in state["log_history"] if "loss" in e]
+
+
+def test_two_cpu_processes_write_one_checkpoint(tiny_checkpoint, tmp_path):
+    output = tmp_path / "ddp"
+    out = launch_two_cpu_processes("cpu_2proc.yaml", tiny_checkpoint, output, "--steps", "4", "--save-steps", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("saved ") == 1, out.stdout  # printed by the main process only
+    assert "(processes: MULTI_CPU)" in out.stdout
     # both ranks took part in the checkpoint (one RNG state each); the result is one checkpoint
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(output / "checkpoint-2"))
     assert sorted(p for p in os.listdir(output) if not p.startswith("checkpoint-")) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
         "trainer_state.json"]
     state = json.loads((output / "trainer_state.json").read_text())
-    assert state["global_step"] == 4 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    assert state["global_step"] == 4 and [e["step"] for e in logged(output)] == [1, 2, 3, 4]
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.config.rope_parameters["rope_type"] == "yarn"
     base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_fsdp2_on_two_cpu_processes_trains_as_one_process(tiny_checkpoint, tmp_path):
+    """configs/fsdp_cpu.yaml: FSDP2 over gloo gives one process's losses and weights (the same two blocks per step:
+    one per rank there, two accumulated micro-batches here), checkpoints, resumes exactly, and saves a plain model."""
+    single = finetune(**options(tiny_checkpoint, tmp_path / "single", data=str(STDLIB / "json"), steps=4,
+                                grad_accum=2, learning_rate=1e-3))
+    sharded = tmp_path / "fsdp"
+    out = launch_two_cpu_processes("fsdp_cpu.yaml", tiny_checkpoint, sharded, "--steps", "4", "--save-steps", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("saved ") == 1 and "(processes: FSDP2_CPU)" in out.stdout, out.stdout
+
+    expected = [e for e in single.log_history if "loss" in e]
+    assert [e["step"] for e in logged(sharded)] == [1, 2, 3, 4]
+    assert [e["loss"] for e in logged(sharded)] == pytest.approx([e["loss"] for e in expected], rel=1e-6)
+    assert [e["grad_norm"] for e in logged(sharded)] == pytest.approx([e["grad_norm"] for e in expected], rel=1e-5)
+    trained, base = load_file(sharded / "model.safetensors"), load_file(tiny_checkpoint / "model.safetensors")
+    single_weights = load_file(tmp_path / "single" / "model.safetensors")
+    assert trained.keys() == single_weights.keys() == base.keys()
+    for name in trained:
+        torch.testing.assert_close(trained[name], single_weights[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(trained["model.layers.1.mlp.down_proj.weight"], base["model.layers.1.mlp.down_proj.weight"])
+
+    # The training checkpoint holds the gathered (full-shape) model and optimizer state, taken by every rank.
+    checkpoint = sharded / "checkpoint-2"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= set(os.listdir(checkpoint))
+    gathered = [torch.load(path, weights_only=False) for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl"))]
+    state = next(s for s in gathered if set(s) == {"model", "optimizer"})
+    assert {k: tuple(v.shape) for k, v in state["model"].items()} == {k: tuple(v.shape) for k, v in base.items()}
+    moments = state["optimizer"]["state"]["model.layers.0.self_attn.q_proj.weight"]["exp_avg"]
+    assert tuple(moments.shape) == tuple(base["model.layers.0.self_attn.q_proj.weight"].shape)
+
+    resumed = tmp_path / "resumed"
+    out = launch_two_cpu_processes("fsdp_cpu.yaml", tiny_checkpoint, resumed, "--steps", "4",
+                                   "--resume-from", str(checkpoint))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [(e["step"], e["loss"]) for e in logged(resumed)] == [(e["step"], e["loss"]) for e in logged(sharded)]
+    again = load_file(resumed / "model.safetensors")
+    assert all(torch.equal(again[name], trained[name]) for name in trained)
+
+    reloaded = run_json(RELOAD_LOGITS, sharded, cwd=tmp_path)
+    ids = torch.tensor(reloaded["ids"])
+    with torch.no_grad():
+        expected_logits = single.model.eval()(ids).logits
+    assert reloaded["rope"]["rope_type"] == "yarn"
+    torch.testing.assert_close(torch.tensor(reloaded["logits"]), expected_logits, rtol=1e-4, atol=1e-5)
+
+
+# In a fresh process without longctx_hf: the folder's logits on fixed ids (compared with a tolerance by the caller).
+RELOAD_LOGITS = textwrap.dedent("""
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(ids).logits
+    print(json.dumps({"ids": ids.tolist(), "logits": logits.tolist(), "rope": model.config.rope_parameters}))
+""")
+
+
+def test_processes_never_train_alone(tiny_checkpoint, tmp_path):
+    """Two processes started by plain torchrun, without ACCELERATE_USE_CPU. accelerate 1.7 makes them one DDP job
+    over gloo; accelerate 1.15 runs each alone, and each would train on all the data and write the same folder. That
+    is refused before anything is written. Either way there are never two independent runs."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    output = tmp_path / "out"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), "-m", "longctx_hf.cli", "finetune", str(tiny_checkpoint), "--method", "yarn",
+                          "--factor", "2", "--data", str(STDLIB / "json"), "--max-length", "64", "--steps", "2",
+                          "--output", str(output)], capture_output=True, text=True, timeout=300, env=env)
+    if out.returncode == 0:
+        assert out.stdout.count("saved ") == 1 and "(processes: MULTI_CPU)" in out.stdout, out.stdout
+    else:
+        assert "launched as 2 processes, but accelerate runs them as 1 (NO)" in out.stderr, out.stderr[-3000:]
+        assert not output.exists()
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"FSDP_VERSION": "1"}, "runs torch's FSDP2 .* only; .* fsdp_version 1"),
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params: true has nothing to offload"),
+    ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "pass --gradient-checkpointing"),
+    ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "fsdp_auto_wrap_policy 'SIZE_BASED_WRAP' is not supported"),
+])
+def test_fsdp_settings_cpu_processes_cannot_honour_are_refused(environ, message):
+    from longctx_hf.sharding import cpu_sharding_settings
+
+    launcher = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", **environ}
+    with pytest.raises(ValueError, match=message):
+        cpu_sharding_settings("MULTI_CPU", "no", launcher)
+    assert cpu_sharding_settings("FSDP", "no", launcher) is None  # on GPUs accelerate shards by itself
+
+
+def test_fsdp_settings_on_cpu_processes():
+    from longctx_hf.sharding import cpu_sharding_settings
+
+    launcher = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    with pytest.raises(ValueError, match="trains in float32 only; mixed precision is 'bf16'"):
+        cpu_sharding_settings("MULTI_CPU", "bf16", launcher)
+    assert cpu_sharding_settings("MULTI_CPU", "no", {**launcher, "ACCELERATE_USE_FSDP": "false"}) is None
+    settings = cpu_sharding_settings("MULTI_CPU", "no", {**launcher, "FSDP_RESHARD_AFTER_FORWARD": "false",
+                                                         "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"})
+    assert settings.reshard_after_forward is False and settings.wrap_policy == "TRANSFORMER_BASED_WRAP"
+    assert settings.layer_classes == ("LlamaDecoderLayer",)
 
 
 @pytest.mark.real_model
