@@ -1,4 +1,4 @@
-"""FSDP2 on CPU processes, where accelerate cannot shard.
+"""How `finetune` reads a multi-process launch: FSDP2 on CPU processes, where accelerate cannot shard.
 
 `accelerate launch` with an FSDP config sets `ACCELERATE_USE_FSDP=true` and the `FSDP_*` settings for every process.
 On a GPU, accelerate then shards the model itself. On CPU processes (`ACCELERATE_USE_CPU=true`) it ignores them and
@@ -57,6 +57,24 @@ def cpu_sharding_settings(distributed_type: str, mixed_precision: str, environ=o
     classes = tuple(c.strip() for c in environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip())
     return CpuShardingSettings(reshard_after_forward=_flag(environ, "FSDP_RESHARD_AFTER_FORWARD", "true"),
                                wrap_policy=policy, layer_classes=classes)
+
+
+def check_no_sequence_parallelism(environ=os.environ):
+    """Refuse accelerate's sequence / context parallelism (`parallelism_config_sp_size` / `cp_size` > 1).
+
+    Both split every sequence over processes. The loss must then be averaged over the shards by their token counts
+    (a differentiable all-gather), and packed documents need an attention that reads their boundaries from
+    `position_ids`; this loop does neither, and neither engine runs on CPU processes, so it could not be tested
+    here (docs/finetuning.md, "Sequence parallelism"). Refused rather than trained with a wrong loss.
+    """
+    if not _flag(environ, "ACCELERATE_USE_PARALLELISM_CONFIG", "false"):
+        return
+    for name, what in (("SP", "sequence parallelism (DeepSpeed Ulysses)"), ("CP", "context parallelism (torch)")):
+        size = int(environ.get(f"PARALLELISM_CONFIG_{name}_SIZE", "1") or 1)
+        if size > 1:
+            raise ValueError(f"parallelism_config_{name.lower()}_size {size}: {what} is not supported by finetune "
+                             "(its loss would need aggregating over the sequence shards); use FSDP or DeepSpeed "
+                             "ZeRO with --gradient-checkpointing for long sequences")
 
 
 def shard_model(model, settings: CpuShardingSettings):

@@ -273,10 +273,17 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
 
     from .data import packed_dataset
     from .real_model import resolve_model
-    from .sharding import ShardedTrainingState, cpu_sharding_settings, full_tensor, shard_model
+    from .sharding import (
+        ShardedTrainingState,
+        check_no_sequence_parallelism,
+        cpu_sharding_settings,
+        full_tensor,
+        shard_model,
+    )
 
     model_path = resolve_model(str(opts.model))
 
+    check_no_sequence_parallelism()
     accelerator = Accelerator(
         mixed_precision=opts.mixed_precision,
         # One optimizer step = exactly grad_accum micro-batches, across epoch ends too (so resume can count).
@@ -404,8 +411,9 @@ def _check_process_count(accelerator):
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
         raise ValueError(f"launched as {launched} processes, but accelerate runs them as {accelerator.num_processes} "
-                         f"({accelerator.distributed_type.name}): on CPU processes set ACCELERATE_USE_CPU=true "
-                         "(see configs/cpu_2proc.yaml and configs/fsdp_cpu.yaml)")
+                         f"({accelerator.distributed_type.name}): each would train on all the data and write the same "
+                         "output. On CPU processes DDP and FSDP2 run with ACCELERATE_USE_CPU=true (configs/cpu_2proc.yaml,"
+                         " configs/fsdp_cpu.yaml); DeepSpeed needs GPUs")
 
 
 def _save_checkpoint(accelerator, state, folder: Path):

@@ -401,3 +401,17 @@ def test_dynamic_yarn_trains_past_the_pretrained_length_and_ships_its_code(tiny_
         expected = result.model.eval()(ids).logits
         reloaded = from_pretrained(str(out)).eval()(ids).logits
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
+
+
+def test_sequence_and_context_parallelism_are_refused():
+    """The loop does not aggregate the loss over sequence shards: a launch that splits sequences is refused."""
+    from longctx_hf.sharding import check_no_sequence_parallelism
+
+    launch = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_SP_SIZE": "2",
+              "PARALLELISM_CONFIG_CP_SIZE": "1"}
+    with pytest.raises(ValueError, match=r"parallelism_config_sp_size 2: sequence parallelism \(DeepSpeed Ulysses\)"):
+        check_no_sequence_parallelism(launch)
+    with pytest.raises(ValueError, match=r"parallelism_config_cp_size 4: context parallelism \(torch\)"):
+        check_no_sequence_parallelism({**launch, "PARALLELISM_CONFIG_SP_SIZE": "1", "PARALLELISM_CONFIG_CP_SIZE": "4"})
+    check_no_sequence_parallelism({**launch, "PARALLELISM_CONFIG_SP_SIZE": "1"})  # data parallel only: accepted
+    check_no_sequence_parallelism({})
