@@ -10,6 +10,7 @@ gradient checkpointing, batch 1. Each evaluation runs in a fresh process. Writes
 """
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -70,6 +71,8 @@ def main():
                  learning_rate=2e-5, warmup_steps=0, lr_scheduler="constant", gradient_checkpointing=True,
                  output_dir=str(output))
         results["train_seconds"] = round(time.perf_counter() - started, 1)
+        # this process only loads, trains and saves (the evaluations run in their own processes)
+        results["train_peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     state = json.loads((output / "trainer_state.json").read_text())
     results["losses"] = [e["loss"] for e in state["log_history"] if "loss" in e]
     results["after"] = evaluate(output)

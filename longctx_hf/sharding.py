@@ -50,13 +50,21 @@ def cpu_sharding_settings(distributed_type: str, mixed_precision: str, environ=o
     if mixed_precision != "no":
         raise ValueError(f"FSDP on CPU processes trains in float32 only; mixed precision is {mixed_precision!r}: set "
                          "mixed_precision: 'no' in the accelerate config (and --mixed-precision no)")
-    policy = environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP").strip()
+    reshard = environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
+    if reshard not in ("true", "false"):
+        raise ValueError(f"fsdp_reshard_after_forward must be true or false for FSDP2, got {reshard!r}")
+    state_dict_type = environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT").strip()
+    if state_dict_type != "FULL_STATE_DICT":
+        raise ValueError(f"fsdp_state_dict_type {state_dict_type!r}: on CPU processes training checkpoints hold the "
+                         "gathered (full) state; leave it unset or FULL_STATE_DICT")
+    if environ.get("FSDP_IGNORED_MODULES", "").strip():
+        raise ValueError("fsdp_ignored_modules is not supported on CPU processes; remove it")
+    policy = environ.get("FSDP_AUTO_WRAP_POLICY", "NO_WRAP").strip()  # accelerate's default, too
     if policy not in SUPPORTED_WRAP_POLICIES:
         raise ValueError(f"fsdp_auto_wrap_policy {policy!r} is not supported on CPU processes; use one of "
                          f"{', '.join(SUPPORTED_WRAP_POLICIES)}")
     classes = tuple(c.strip() for c in environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip())
-    return CpuShardingSettings(reshard_after_forward=_flag(environ, "FSDP_RESHARD_AFTER_FORWARD", "true"),
-                               wrap_policy=policy, layer_classes=classes)
+    return CpuShardingSettings(reshard_after_forward=reshard == "true", wrap_policy=policy, layer_classes=classes)
 
 
 def check_no_sequence_parallelism(environ=os.environ):
@@ -73,8 +81,8 @@ def check_no_sequence_parallelism(environ=os.environ):
         size = int(environ.get(f"PARALLELISM_CONFIG_{name}_SIZE", "1") or 1)
         if size > 1:
             raise ValueError(f"parallelism_config_{name.lower()}_size {size}: {what} is not supported by finetune "
-                             "(its loss would need aggregating over the sequence shards); use FSDP or DeepSpeed "
-                             "ZeRO with --gradient-checkpointing for long sequences")
+                             "(its loss would need aggregating over the sequence shards); for long sequences use "
+                             "--gradient-checkpointing")
 
 
 def shard_model(model, settings: CpuShardingSettings):
@@ -93,7 +101,8 @@ def shard_model(model, settings: CpuShardingSettings):
     loaded = model.state_dict() if dist.get_rank() == 0 else {}
     if settings.wrap_policy == "TRANSFORMER_BASED_WRAP":
         names = set(settings.layer_classes or getattr(model, "_no_split_modules", None) or ())
-        layers = [m for m in model.modules() if type(m).__name__ in names]
+        # innermost first, as accelerate does: a class nested in another named one is sharded before its parent
+        layers = [m for m in reversed(list(model.modules())) if type(m).__name__ in names]
         if not layers:
             raise ValueError(f"no layer of class {sorted(names)} to shard in {type(model).__name__}; name the "
                              "decoder layer class in fsdp_transformer_layer_cls_to_wrap or use NO_WRAP")
@@ -101,14 +110,17 @@ def shard_model(model, settings: CpuShardingSettings):
             fully_shard(layer, reshard_after_forward=settings.reshard_after_forward)
     fully_shard(model, reshard_after_forward=settings.reshard_after_forward)
     set_model_state_dict(model, loaded, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():  # not in the state dict when non-persistent (rotary frequencies): plain tensors
+        dist.broadcast(buffer, src=0)
     return model
 
 
 class ShardedTrainingState:
     """Model and optimizer of a sharded run, for `accelerator.register_for_checkpointing`.
 
-    accelerate saves a registered object's `state_dict()` from the main process only, so this gathers the full
-    (unsharded) model and optimizer state there; on load every process reads that file and takes its own shards.
+    accelerate calls a registered object's `state_dict()` on every process (here a collective that gathers the full,
+    unsharded model and optimizer state on the main process) and writes the main process's result; on load every
+    process reads that file and takes its own shards back.
     """
 
     def __init__(self, model, optimizer):
@@ -129,10 +141,21 @@ class ShardedTrainingState:
 
 
 def full_model_state_dict(model):
-    """The unsharded weights on the main process (empty on the others): a collective, every process calls it."""
+    """The unsharded weights on the main process (empty on the others): a collective, every process calls it.
+
+    Tied weights (input embeddings and LM head of SmolLM2) are gathered once per name, as separate tensors; they are
+    made one tensor again so that `save_pretrained` recognises the tie and writes the weight once.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if state:
+        first_name = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            first = first_name.setdefault(id(param), name)
+            if first != name and name in state and first in state:
+                state[name] = state[first]
+    return state
 
 
 def full_tensor(value):

@@ -7,6 +7,7 @@ its config (LoRA merged in), the tokenizer, and a `trainer_state.json` like HF T
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -20,6 +21,7 @@ MIXED_PRECISION = (None, "no", "bf16", "fp16")
 # our name -> transformers' scheduler name (all of them warm up linearly first)
 LR_SCHEDULERS = {"linear": "linear", "constant": "constant_with_warmup", "cosine": "cosine"}
 STATE_FILE = "trainer_state.json"
+PROCESSES_FILE = "processes.json"  # in checkpoint-N: how its processes shared the work (FinetuneResult.distributed)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -292,6 +294,9 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
     )
     _check_process_count(accelerator)
     sharding = cpu_sharding_settings(accelerator.distributed_type.name, accelerator.mixed_precision)
+    distributed = "FSDP2_CPU" if sharding else accelerator.distributed_type.name
+    if opts.resume_from:
+        _check_resume_layout(Path(opts.resume_from), distributed)
     if opts.lora and (accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") or sharding):
         raise ValueError(f"lora=True is not supported under {'FSDP' if sharding else accelerator.distributed_type.name}"
                          ": merging needs the full adapters on one process; fine-tune without LoRA there")
@@ -383,7 +388,8 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
                 tokens_per_second = tokens_run / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
             if opts.save_steps and state.global_step % opts.save_steps == 0 and state.global_step < opts.steps:
-                _save_checkpoint(accelerator, state, Path(opts.output_dir) / f"checkpoint-{state.global_step}")
+                _save_checkpoint(accelerator, state, Path(opts.output_dir) / f"checkpoint-{state.global_step}",
+                                 distributed)
             if state.global_step >= opts.steps:
                 break
         epoch += 1
@@ -400,7 +406,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
     trained = _save_final(accelerator, model, tokenizer, state, opts, use_cache, sharded=sharding is not None)
     return FinetuneResult(output_dir=str(opts.output_dir), model=trained, log_history=state.log_history,
                           is_main_process=accelerator.is_main_process,
-                          distributed="FSDP2_CPU" if sharding else accelerator.distributed_type.name)
+                          distributed=distributed)
 
 
 def _check_process_count(accelerator):
@@ -416,11 +422,22 @@ def _check_process_count(accelerator):
                          " configs/fsdp_cpu.yaml); DeepSpeed needs GPUs")
 
 
-def _save_checkpoint(accelerator, state, folder: Path):
+def _check_resume_layout(folder: Path, distributed: str):
+    """A checkpoint of a run sharded here (FSDP2_CPU) holds gathered state that only such a run reads back, and the
+    other way round; refused before loading instead of failing inside accelerate's load_state."""
+    marker = folder / PROCESSES_FILE
+    written = json.loads(marker.read_text())["distributed"] if marker.is_file() else None
+    if (written == "FSDP2_CPU") != (distributed == "FSDP2_CPU"):
+        raise ValueError(f"resume_from {str(folder)!r} was written by a run with processes {written or 'not FSDP2_CPU'}"
+                         f"; this run's are {distributed}: resume it with the launch configuration that wrote it")
+
+
+def _save_checkpoint(accelerator, state, folder: Path, distributed: str):
     """accelerate's full training state (model, optimizer, scheduler, RNG, sampler) plus our trainer_state.json."""
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
         state.save_to_json(str(folder / STATE_FILE))
+        (folder / PROCESSES_FILE).write_text(json.dumps({"distributed": distributed}) + "\n")
     accelerator.wait_for_everyone()
 
 

@@ -152,7 +152,8 @@ def test_finetune_resume_and_plain_reload(tiny_checkpoint, tmp_path):
     # warmup min(20, 6 // 10) = 0, then linear decay: the lr of step k is 2e-3 * (6 - (k - 1)) / 6
     assert [e["learning_rate"] for e in steps] == pytest.approx([2e-3 * (7 - k) / 6 for k in range(1, 7)])
     assert sorted(os.listdir(tmp_path / "full" / "checkpoint-3")) == [
-        "custom_checkpoint_0.pkl", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"]
+        "custom_checkpoint_0.pkl", "model.safetensors", "optimizer.bin", "processes.json", "random_states_0.pkl",
+        "trainer_state.json"]
 
     # Resuming from step 3 continues the count and reproduces the uninterrupted run exactly.
     resumed = finetune(**options(tiny_checkpoint, tmp_path / "resumed",
@@ -243,13 +244,27 @@ def test_two_cpu_processes_write_one_checkpoint(tiny_checkpoint, tmp_path):
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
 
 
-def test_fsdp2_on_two_cpu_processes_trains_as_one_process(tiny_checkpoint, tmp_path):
-    """configs/fsdp_cpu.yaml: FSDP2 over gloo gives one process's losses and weights (the same two blocks per step:
-    one per rank there, two accumulated micro-batches here), checkpoints, resumes exactly, and saves a plain model."""
-    single = finetune(**options(tiny_checkpoint, tmp_path / "single", data=str(STDLIB / "json"), steps=4,
-                                grad_accum=2, learning_rate=1e-3))
+@pytest.fixture(scope="module")
+def tied_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny model with its input embeddings tied to the LM head, as SmolLM2's are."""
+    folder = tmp_path_factory.mktemp("tied") / "model"
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_checkpoint)
+    model = tiny_model("llama", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                       tie_word_embeddings=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_fsdp2_on_two_cpu_processes_trains_as_one_process(tied_checkpoint, tmp_path):
+    """configs/fsdp_cpu.yaml: FSDP2 over gloo gives one process's losses and weights (the same four blocks per step:
+    two accumulated micro-batches on each of two ranks there, four here), checkpoints, resumes exactly, and saves a
+    plain model that keeps its tied weights tied."""
+    single = finetune(**options(tied_checkpoint, tmp_path / "single", data=str(STDLIB / "json"), steps=4,
+                                grad_accum=4, learning_rate=1e-3))
     sharded = tmp_path / "fsdp"
-    out = launch_two_cpu_processes("fsdp_cpu.yaml", tiny_checkpoint, sharded, "--steps", "4", "--save-steps", "2")
+    out = launch_two_cpu_processes("fsdp_cpu.yaml", tied_checkpoint, sharded, "--steps", "4", "--grad-accum", "2",
+                                   "--save-steps", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("saved ") == 1 and "(processes: FSDP2_CPU)" in out.stdout, out.stdout
 
@@ -257,8 +272,9 @@ def test_fsdp2_on_two_cpu_processes_trains_as_one_process(tiny_checkpoint, tmp_p
     assert [e["step"] for e in logged(sharded)] == [1, 2, 3, 4]
     assert [e["loss"] for e in logged(sharded)] == pytest.approx([e["loss"] for e in expected], rel=1e-6)
     assert [e["grad_norm"] for e in logged(sharded)] == pytest.approx([e["grad_norm"] for e in expected], rel=1e-5)
-    trained, base = load_file(sharded / "model.safetensors"), load_file(tiny_checkpoint / "model.safetensors")
+    trained, base = load_file(sharded / "model.safetensors"), load_file(tied_checkpoint / "model.safetensors")
     single_weights = load_file(tmp_path / "single" / "model.safetensors")
+    assert "lm_head.weight" not in trained  # written once, as the tie
     assert trained.keys() == single_weights.keys() == base.keys()
     for name in trained:
         torch.testing.assert_close(trained[name], single_weights[name], rtol=1e-5, atol=1e-6)
@@ -267,25 +283,31 @@ def test_fsdp2_on_two_cpu_processes_trains_as_one_process(tiny_checkpoint, tmp_p
     # The training checkpoint holds the gathered (full-shape) model and optimizer state, taken by every rank.
     checkpoint = sharded / "checkpoint-2"
     assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= set(os.listdir(checkpoint))
+    assert json.loads((checkpoint / "processes.json").read_text()) == {"distributed": "FSDP2_CPU"}
     gathered = [torch.load(path, weights_only=False) for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl"))]
     state = next(s for s in gathered if set(s) == {"model", "optimizer"})
-    assert {k: tuple(v.shape) for k, v in state["model"].items()} == {k: tuple(v.shape) for k, v in base.items()}
+    assert {k: tuple(v.shape) for k, v in state["model"].items() if k != "lm_head.weight"} == {
+        k: tuple(v.shape) for k, v in base.items()}
     moments = state["optimizer"]["state"]["model.layers.0.self_attn.q_proj.weight"]["exp_avg"]
     assert tuple(moments.shape) == tuple(base["model.layers.0.self_attn.q_proj.weight"].shape)
 
     resumed = tmp_path / "resumed"
-    out = launch_two_cpu_processes("fsdp_cpu.yaml", tiny_checkpoint, resumed, "--steps", "4",
+    out = launch_two_cpu_processes("fsdp_cpu.yaml", tied_checkpoint, resumed, "--steps", "4", "--grad-accum", "2",
                                    "--resume-from", str(checkpoint))
     assert out.returncode == 0, out.stderr[-3000:]
     assert [(e["step"], e["loss"]) for e in logged(resumed)] == [(e["step"], e["loss"]) for e in logged(sharded)]
     again = load_file(resumed / "model.safetensors")
     assert all(torch.equal(again[name], trained[name]) for name in trained)
+    # Its gathered state is not what a one-process run reads back: refused before anything is loaded.
+    with pytest.raises(ValueError, match="written by a run with processes FSDP2_CPU; this run's are NO"):
+        finetune(**options(tied_checkpoint, tmp_path / "other", data=str(STDLIB / "json"), steps=4, grad_accum=4,
+                           resume_from=str(checkpoint)))
 
     reloaded = run_json(RELOAD_LOGITS, sharded, cwd=tmp_path)
     ids = torch.tensor(reloaded["ids"])
     with torch.no_grad():
         expected_logits = single.model.eval()(ids).logits
-    assert reloaded["rope"]["rope_type"] == "yarn"
+    assert reloaded["rope"]["rope_type"] == "yarn" and reloaded["tied"]
     torch.testing.assert_close(torch.tensor(reloaded["logits"]), expected_logits, rtol=1e-4, atol=1e-5)
 
 
@@ -297,7 +319,9 @@ RELOAD_LOGITS = textwrap.dedent("""
     ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(ids).logits
-    print(json.dumps({"ids": ids.tolist(), "logits": logits.tolist(), "rope": model.config.rope_parameters}))
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    print(json.dumps({"ids": ids.tolist(), "logits": logits.tolist(), "rope": model.config.rope_parameters,
+                      "tied": tied}))
 """)
 
 
@@ -327,6 +351,9 @@ def test_processes_never_train_alone(tiny_checkpoint, tmp_path):
     ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params: true has nothing to offload"),
     ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "pass --gradient-checkpointing"),
     ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "fsdp_auto_wrap_policy 'SIZE_BASED_WRAP' is not supported"),
+    ({"FSDP_RESHARD_AFTER_FORWARD": "FULL_SHARD"}, "fsdp_reshard_after_forward must be true or false"),
+    ({"FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}, "fsdp_state_dict_type 'SHARDED_STATE_DICT'"),
+    ({"FSDP_IGNORED_MODULES": "lm_head"}, "fsdp_ignored_modules is not supported"),
 ])
 def test_fsdp_settings_cpu_processes_cannot_honour_are_refused(environ, message):
     from longctx_hf.sharding import cpu_sharding_settings
@@ -344,7 +371,9 @@ def test_fsdp_settings_on_cpu_processes():
     with pytest.raises(ValueError, match="trains in float32 only; mixed precision is 'bf16'"):
         cpu_sharding_settings("MULTI_CPU", "bf16", launcher)
     assert cpu_sharding_settings("MULTI_CPU", "no", {**launcher, "ACCELERATE_USE_FSDP": "false"}) is None
+    assert cpu_sharding_settings("MULTI_CPU", "no", launcher).wrap_policy == "NO_WRAP"  # accelerate's default
     settings = cpu_sharding_settings("MULTI_CPU", "no", {**launcher, "FSDP_RESHARD_AFTER_FORWARD": "false",
+                                                         "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
                                                          "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"})
     assert settings.reshard_after_forward is False and settings.wrap_policy == "TRANSFORMER_BASED_WRAP"
     assert settings.layer_classes == ("LlamaDecoderLayer",)

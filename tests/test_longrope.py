@@ -13,7 +13,7 @@ from test_roundtrip import RELOAD
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from longctx_hf import context_info, extend_context, methods
+from longctx_hf import _compat, context_info, extend_context, methods
 
 L = 256
 
@@ -104,3 +104,39 @@ def test_offline_rewriter_and_factors_file(tmp_path):
               str(tmp_path / "factors.json"), "--long-factor", json.dumps(factors), "--output", str(tmp_path / "x"))
     assert bad.returncode == 2 and "both give long_factor" in bad.stderr and not (tmp_path / "x").exists()
 
+
+
+def cached_and_recomputed(model, ids, prefill):
+    """Last-token logits of every step of a cached generation over `ids` after a prefill, and of a fresh forward of
+    each step's whole prefix (what the model means at that length)."""
+    keyword = _compat.cache_keyword(model)  # transformers 5.24 renamed past_key_values
+    with torch.no_grad():
+        cache, cached, fresh = _compat.output_cache(model(ids[:, :prefill], use_cache=True)), [], []
+        for p in range(prefill, ids.shape[1]):
+            out = model(ids[:, p:p + 1], **{keyword: cache}, use_cache=True)
+            cache = _compat.output_cache(out)
+            cached.append(out.logits[0, -1])
+            fresh.append(model(ids[:, :p + 1]).logits[0, -1])
+    return torch.stack(cached), torch.stack(fresh)
+
+
+def test_transformers_own_short_long_switch_is_cache_inexact():
+    """Why longrope is written with short_factor == long_factor: with two sets, transformers switches to the long
+    factors once the sequence passes L and keeps the keys it cached with the short ones. A cached generation then
+    stops meaning what a fresh forward of the same tokens means, exactly from the step that crosses L."""
+    original = 64
+    half = 8  # rotary pairs of the tiny model (head_dim 16)
+    rope = {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": original,
+            "short_factor": [1.0] * half, "long_factor": [1.0 + 3.0 * i / (half - 1) for i in range(half)]}
+    switching = tiny_model("llama", max_position_embeddings=4 * original, rope_parameters=rope)
+    ids = torch.randint(0, 128, (1, original + 24), generator=torch.Generator().manual_seed(3))
+    cached, fresh = cached_and_recomputed(switching, ids, prefill=original - 16)
+    gap = (cached - fresh).abs().amax(dim=-1)  # step k decodes position original - 16 + k
+    assert gap[:16].max() < 1e-5  # up to length L: short factors on both sides
+    assert gap[16:].min() > 1e-3  # past L: new keys long, cached keys short; the recompute is long throughout
+
+    # One set (what extend_context writes): the cached generation is the recompute at every step.
+    model = tiny_model("llama", max_position_embeddings=original)
+    extend_context(model, "longrope", 4, long_factor=rope["long_factor"])
+    cached, fresh = cached_and_recomputed(model, ids, prefill=original - 16)
+    torch.testing.assert_close(cached, fresh, rtol=1e-4, atol=1e-5)
