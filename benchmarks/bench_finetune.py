@@ -2,6 +2,7 @@
 
     python benchmarks/bench_finetune.py throughput   # tokens/s of longctx_hf.finetune vs HF Trainer (target >= 1.0x)
     python benchmarks/bench_finetune.py memory       # peak RSS of one training step per length, +/- checkpointing
+        [--lengths N ...] [--checkpointing both|yes|no] [--checkpointing-only-from N] [--factor F] [--lora]
 
 Both sides train the same YaRN x2 model on the same packed blocks (Python's `argparse.py`, one document, so the
 SDPA causal kernel is used), batch 1, AdamW, linear schedule, grad clipping 1.0, fp32. Runs alternate (ours,
@@ -62,25 +63,27 @@ def throughput(length, steps, rounds):
           f"HF Trainer {tokens / theirs:.1f} tokens/s, ratio {theirs / ours:.3f}x (target >= 1.0)")
 
 
-def one_step(length, checkpointing, folder):
+def one_step(length, checkpointing, folder, factor, lora):
     """Child process: one training step at `length`; prints its own peak RSS and the step time."""
     from longctx_hf import finetune
 
-    result = finetune("smollm2", method="yarn", factor=2, data=str(MEMORY_TEXT), max_length=length, steps=1,
-                      gradient_checkpointing=checkpointing, output_dir=str(folder), progress_bar=False)
+    result = finetune("smollm2", method="yarn", factor=factor, data=str(MEMORY_TEXT), max_length=length, steps=1,
+                      gradient_checkpointing=checkpointing, lora=lora, output_dir=str(folder), progress_bar=False)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_mb": peak_mb, "seconds": result.log_history[-1]["train_runtime"]}))
 
 
-def memory(lengths, checkpointing_only_from):
+def memory(lengths, checkpointing_only_from, factor, lora, skip_checkpointing=False):
+    print(f"YaRN x{factor:g}, {'LoRA rank 16' if lora else 'full fine-tuning'}")
     print("length  checkpointing  peak RSS (MB)  step (s)")
     for length in lengths:
         for checkpointing in (False, True):
-            if not checkpointing and length >= checkpointing_only_from:
+            if (not checkpointing and length >= checkpointing_only_from) or (checkpointing and skip_checkpointing):
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 out = subprocess.run([sys.executable, __file__, "_one_step", str(length), str(int(checkpointing)),
-                                      str(Path(tmp) / "out")], capture_output=True, text=True)
+                                      str(Path(tmp) / "out"), str(factor), str(int(lora))],
+                                     capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{length:6d}  {checkpointing!s:13s}  failed: {out.stderr.strip().splitlines()[-1]}")
                 continue
@@ -90,7 +93,7 @@ def memory(lengths, checkpointing_only_from):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_one_step"]:
-        one_step(int(sys.argv[2]), bool(int(sys.argv[3])), sys.argv[4])
+        one_step(int(sys.argv[2]), bool(int(sys.argv[3])), sys.argv[4], float(sys.argv[5]), bool(int(sys.argv[6])))
         sys.exit()
     parser = argparse.ArgumentParser()
     parser.add_argument("part", choices=["throughput", "memory"])
@@ -100,8 +103,13 @@ if __name__ == "__main__":
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--checkpointing-only-from", type=int, default=16384,
                         help="lengths from here on run with gradient checkpointing only (too slow/big without)")
+    parser.add_argument("--checkpointing", choices=["both", "yes", "no"], default="both",
+                        help="memory: with and/or without gradient checkpointing")
+    parser.add_argument("--factor", type=float, default=2.0, help="memory: YaRN factor (x2 reaches 16384 tokens)")
+    parser.add_argument("--lora", action="store_true", help="memory: LoRA (rank 16) instead of full fine-tuning")
     args = parser.parse_args()
     if args.part == "throughput":
         throughput(args.length, args.steps, args.rounds)
     else:
-        memory(args.lengths, args.checkpointing_only_from)
+        memory(args.lengths, 0 if args.checkpointing == "yes" else args.checkpointing_only_from, args.factor,
+               args.lora, skip_checkpointing=args.checkpointing == "no")

@@ -246,6 +246,7 @@ def report(results):
         ax.set_xscale("symlog", linthresh=25)
         ax.set_xticks(steps, [str(s) for s in steps])
         ax.set_yscale("log")
+        ax.set_yticks([4, 5, 7, 10, 15, 25])
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"fine-tuning steps at {TARGET} tokens")
