@@ -206,11 +206,16 @@ def test_lora_alone_keeps_embeddings_and_norms(tiny_checkpoint, tmp_path):
                            base["model.layers.0.self_attn.v_proj.weight"])
 
 
+def free_port():
+    """A free port for the process group: other jobs on this machine may hold a fixed one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch_two_cpu_processes(config, tiny_checkpoint, output, *finetune_args):
     """A real `accelerate launch` of two gloo processes through the CLI module entry point."""
-    with socket.socket() as probe:  # a free port: other jobs on this machine may hold a fixed one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                str(REPO / "configs" / config), "--num_processes", "2", "--main_process_port", str(port),
@@ -329,9 +334,7 @@ def test_processes_never_train_alone(tiny_checkpoint, tmp_path):
     """Two processes started by plain torchrun, without ACCELERATE_USE_CPU. accelerate 1.7 makes them one DDP job
     over gloo; accelerate 1.15 runs each alone, and each would train on all the data and write the same folder. That
     is refused before anything is written. Either way there are never two independent runs."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     output = tmp_path / "out"
