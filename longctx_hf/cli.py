@@ -226,7 +226,11 @@ def _eval(args) -> int:
             passkey_lengths=passkey_lengths, tasks=_split("--tasks", args.tasks), text_file=args.text,
             depths=_split("--depths", args.depths, float),
             trials=args.trials, dtype=args.dtype, device_map=None if args.device_map == "none" else args.device_map,
-            output=args.output, num_scored=args.score_tokens, stride=args.stride, seed=args.seed)
+            output=args.output, num_scored=args.score_tokens, stride=args.stride, seed=args.seed,
+            ruler_tasks=_split("--ruler-tasks", args.ruler_tasks) if args.ruler_tasks else None,
+            ruler_lengths=_split("--ruler-lengths", args.ruler_lengths, parse_length) if args.ruler_lengths else None,
+            samples=args.samples, chat_template=args.chat_template, batch_size=args.batch_size,
+            haystack_file=args.haystack)
         results = evaluate_model(args.model, **options)
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -315,8 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(run=_methods)
     _add_finetune_parser(sub)
     _add_search_parser(sub)
+    from .evaluate.ruler_tasks import TASKS as RULER_TASKS
+
     evaluate = sub.add_parser(
-        "eval", help="perplexity vs length and passkey retrieval for several methods, with plots",
+        "eval", help="perplexity vs length, passkey retrieval and RULER tasks for several methods, with plots",
         description="Evaluate extension methods on MODEL (a folder, a Hub id, or 'smollm2' for the offline "
                     "SmolLM2-135M-Instruct). Writes results.json, results.md, ppl_vs_length.png and "
                     "passkey_heatmap.png into --output.")
@@ -327,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="extension factor (> 1); default: the smallest that covers the longest length")
     evaluate.add_argument("--lengths", default="2k,4k,8k,16k", help="context lengths, 2k = 2048 (default: 2k,4k,8k,16k)")
     evaluate.add_argument("--passkey-lengths", default=None, help="passkey prompt lengths (default: --lengths)")
-    evaluate.add_argument("--tasks", default="ppl,passkey", help="ppl, passkey or both (default: ppl,passkey)")
+    evaluate.add_argument("--tasks", default="ppl,passkey",
+                          help="any of ppl, passkey, ruler, comma-separated (default: ppl,passkey)")
     evaluate.add_argument("--text", default=None,
                           help="text file for perplexity (default: the Python standard library sources)")
     evaluate.add_argument("--depths", default="0.1,0.5,0.9", help="passkey depths in [0, 1] (default: 0.1,0.5,0.9)")
@@ -339,7 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     evaluate.add_argument("--device-map", default="none",
                           help="'auto' spreads a model larger than one device (accelerate); default: none (CPU)")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the passkey keys (default: 0)")
+    evaluate.add_argument("--ruler-tasks", default=None,
+                          help="RULER tasks, comma-separated (default: all): " + ", ".join(RULER_TASKS))
+    evaluate.add_argument("--ruler-lengths", default=None, help="RULER sample lengths (default: --lengths)")
+    evaluate.add_argument("--samples", type=int, default=5, help="RULER samples per task and length (default: 5)")
+    evaluate.add_argument("--chat-template", action="store_true",
+                          help="ask RULER's questions as a user turn of the model's chat template")
+    evaluate.add_argument("--batch-size", type=int, default=1,
+                          help="RULER prompts of equal token length generated together (default: 1)")
+    evaluate.add_argument("--haystack", default=None,
+                          help="text file for RULER's real-text haystack (default: the Python Language Reference)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the passkey keys and RULER samples (default: 0)")
     evaluate.add_argument("--output", required=True, help="new folder for the results (never overwritten)")
     evaluate.set_defaults(run=_eval)
     return parser

@@ -8,10 +8,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from models import tiny_model
-from tokenizers import Tokenizer, decoders
-from tokenizers import models as tokenizer_models
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from models import char_tokenizer, tiny_model
+from transformers import AutoModelForCausalLM
 
 from longctx_hf import extend_context
 from longctx_hf.evaluate import (
@@ -26,23 +24,6 @@ from longctx_hf.evaluate import perplexity as perplexity_module
 from longctx_hf.evaluate.run import default_factor
 
 SCHEMA_RUN_KEYS = {"method", "factor", "options"}
-
-
-def char_tokenizer():
-    """A real fast tokenizer, one token per printable ASCII character (fits the tiny models' 128-token vocab)."""
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
-    backend = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def text_of(num_chars, seed=0):

@@ -15,7 +15,6 @@ def _pyplot():
     return plt
 
 
-
 def _label(run) -> str:
     return "none (unextended)" if run["method"] == "none" else f"{run['method']} ×{run['factor']:g}"
 
@@ -98,5 +97,40 @@ def passkey_heatmap(results: dict, path) -> None:
     axes[0][0].set_ylabel("key depth in the prompt")
     fig.colorbar(image, ax=list(axes[0]), label="accuracy (correct / trials)", fraction=0.05)
     fig.suptitle(f"{results['model']}: passkey retrieval (greedy decoding)")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ruler_heatmap(results: dict, path) -> None:
+    """One panel per method: task (rows, the mean over tasks last) x length (columns), colour = score 0-100."""
+    plt = _pyplot()
+    runs = [run for run in results["runs"] if run.get("ruler")]
+    lengths = sorted({cell["length"] for run in runs for cell in run["ruler"]})
+    tasks = results["ruler"]["tasks"]
+    rows = tasks + ["mean"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(2.5 + (0.8 + 0.8 * len(lengths)) * len(runs),
+                                                    1.5 + 0.38 * len(rows)),
+                             squeeze=False, sharey=True, layout="constrained")
+    image = None
+    for ax, run in zip(axes[0], runs):
+        cells = {(c["task"], c["length"]): c["score"] for c in run["ruler"]}
+        means = results.get("ruler_summary", {}).get("methods", {}).get(run["method"], {}).get("average", {})
+        grid = [[cells.get((task, n), float("nan")) for n in lengths] for task in tasks]
+        grid.append([means.get(str(n), float("nan")) for n in lengths])
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=100.0, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, score in enumerate(row):
+                text = "not run" if score != score else f"{score:.0f}"
+                dark = score == score and not 25 <= score <= 75
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="grey" if score != score else ("white" if dark else "black"),
+                        fontweight="bold" if i == len(tasks) else "normal")
+        ax.axhline(len(tasks) - 0.5, color="black", linewidth=1)
+        ax.set_xticks(range(len(lengths)), [_length(n) for n in lengths])
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xlabel("prompt + answer length (tokens)")
+        ax.set_title(_label(run), fontsize=10)
+    fig.colorbar(image, ax=list(axes[0]), label="score (RULER, 0-100)", fraction=0.05)
+    fig.suptitle(f"{results['model']}: RULER tasks ({results['ruler']['samples']} samples per cell, greedy)")
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-TASKS = ("ppl", "passkey")
+TASKS = ("ppl", "passkey", "ruler")
 DTYPES = ("float32", "bfloat16", "float16")
-OUTPUT_FILES = ("results.json", "results.md", "ppl_vs_length.png", "passkey_heatmap.png")
+OUTPUT_FILES = ("results.json", "results.md", "ppl_vs_length.png", "passkey_heatmap.png", "ruler_heatmap.png")
 BASELINE = "unextended model, sliding window of its pretrained length, same scored tokens"
 
 
@@ -42,7 +42,8 @@ def default_factor(lengths, pretrained_length: int) -> float:
 
 
 def check_options(*, methods, lengths, tasks, depths, trials, factor, dtype, device_map, output, num_scored,
-                  stride, text_file):
+                  stride, text_file, ruler_tasks=None, samples=5, batch_size=1, chat_template=False,
+                  haystack_file=None):
     """Validate every option before anything is loaded (pure; raises ValueError/TypeError naming the option)."""
     from ..methods import get_method
 
@@ -81,6 +82,22 @@ def check_options(*, methods, lengths, tasks, depths, trials, factor, dtype, dev
         raise ValueError(f"stride (--stride) must be an int >= 1, got {stride!r}")
     if text_file is not None and not Path(text_file).is_file():
         raise ValueError(f"text (--text) must be an existing text file, got {text_file!r}")
+    if "ruler" in tasks:
+        import importlib.util
+
+        from .ruler_tasks import check_task_names
+
+        if importlib.util.find_spec("wonderwords") is None:
+            raise ValueError("tasks (--tasks) 'ruler' draws its words from the package wonderwords, which is not "
+                             "installed: pip install 'longctx-hf[eval]'")
+        check_task_names(ruler_tasks)
+        for name, value in (("samples (--samples)", samples), ("batch_size (--batch-size)", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(chat_template, bool):
+            raise TypeError(f"chat_template (--chat-template) must be True or False, got {chat_template!r}")
+        if haystack_file is not None and not Path(haystack_file).is_file():
+            raise ValueError(f"haystack_file (--haystack) must be an existing text file, got {haystack_file!r}")
     if output is None:
         raise ValueError("output (--output) is required: the folder for results.json, results.md and the plots")
     existing = [name for name in OUTPUT_FILES if (Path(output) / name).exists()]
@@ -106,24 +123,33 @@ def _versions() -> dict:
 
 
 def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(2048, 4096, 8192, 16384),
-                   tasks=TASKS, text=None, text_file=None, depths=(0.1, 0.5, 0.9), trials=3, dtype="float32",
+                   tasks=("ppl", "passkey"), text=None, text_file=None, depths=(0.1, 0.5, 0.9), trials=3, dtype="float32",
                    device_map=None, output=None, num_scored=None, stride=None, passkey_lengths=None, seed=0,
-                   progress=True) -> dict:
-    """Compare `methods` ("none" = the model as loaded) on perplexity vs length and passkey retrieval.
+                   progress=True, ruler_tasks=None, ruler_lengths=None, samples=5, chat_template=False,
+                   batch_size=1, haystack_file=None) -> dict:
+    """Compare `methods` ("none" = the model as loaded) on perplexity vs length, passkey retrieval and RULER.
 
     `model` is a folder, a Hub id or "smollm2". Perplexity: at every length, the last `num_scored` tokens
     (default: half the shortest length) of the same text (`text`, or the file `text_file`, default the Python
     standard library sources), with the full context; next to the baseline, the
     unextended model seeing at most its pretrained length (window chunks of `stride`, default a quarter window).
-    Passkey: `passkey_lengths` (default `lengths`) x `depths`, `trials` keys per cell.
+    Passkey: `passkey_lengths` (default `lengths`) x `depths`, `trials` keys per cell. RULER ("ruler" in `tasks`):
+    `ruler_tasks` (default all) x `ruler_lengths` (default `lengths`), `samples` per cell, the same samples for
+    every method; `chat_template` wraps each question in the model's chat template; rows of equal length are
+    generated `batch_size` at a time; `haystack_file` replaces the default real-text haystack.
     `factor` default: the smallest that covers the longest length. Writes results.json, results.md and the PNGs
     into `output` (written again after every method, so a cut-off run keeps what it finished).
     """
+    from .ruler_tasks import TASKS as RULER_TASKS
+
     lengths, depths, tasks, methods = sorted(set(lengths)), list(depths), list(tasks), list(methods)
     passkey_lengths = lengths if passkey_lengths is None else sorted(set(passkey_lengths))
-    check_options(methods=methods, lengths=lengths + passkey_lengths, tasks=tasks, depths=depths, trials=trials,
-                  factor=factor, dtype=dtype, device_map=device_map, output=output, num_scored=num_scored,
-                  stride=stride, text_file=text_file)
+    ruler_lengths = lengths if ruler_lengths is None else sorted(set(ruler_lengths))
+    ruler_tasks = list(RULER_TASKS) if ruler_tasks is None else ruler_tasks
+    check_options(methods=methods, lengths=lengths + passkey_lengths + ruler_lengths, tasks=tasks, depths=depths,
+                  trials=trials, factor=factor, dtype=dtype, device_map=device_map, output=output,
+                  num_scored=num_scored, stride=stride, text_file=text_file, ruler_tasks=ruler_tasks, samples=samples,
+                  batch_size=batch_size, chat_template=chat_template, haystack_file=haystack_file)
     if text is not None and text_file is not None:
         raise ValueError("give text or text_file (--text), not both")
     import torch
@@ -140,9 +166,25 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
     window = pretrained_rope(AutoConfig.from_pretrained(path).to_dict()).max_position_embeddings
     extended = [m for m in methods if m != "none"]
     if extended and factor is None:
-        factor = default_factor(lengths + passkey_lengths, window)
+        factor = default_factor(lengths + passkey_lengths + ruler_lengths, window)
     num_scored = num_scored or min(lengths) // 2
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"model {model}: no tokenizer could be loaded from {path} ({err}); evaluation needs one")
+    probe = "The special magic number is: 1234567."  # a folder without tokenizer files can still yield a stub
+    decoded = tokenizer.decode(tokenizer(probe, add_special_tokens=False).input_ids)
+    if "1234567" not in decoded:
+        raise ValueError(f"model {model}: no usable tokenizer in {path}: {type(tokenizer).__name__} turns {probe!r} "
+                         f"into {decoded!r}; evaluation needs the model's own tokenizer files")
+    ruler_samples = None
+    if "ruler" in tasks:  # built before the model is loaded: a length too short for a task fails here
+        from .ruler_tasks import build_samples
+
+        if chat_template and not tokenizer.chat_template:
+            raise ValueError(f"chat_template (--chat-template): the tokenizer of {model} has no chat template")
+        ruler_samples, resources = build_samples(tokenizer, ruler_tasks, ruler_lengths, samples, seed,
+                                                 chat_template, haystack_file, progress=progress)
     ids = None
     if "ppl" in tasks:
         if text_file is not None:
@@ -184,6 +226,16 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
                "lengths": lengths, "passkey_lengths": passkey_lengths, "depths": depths, "trials": trials,
                "tokens_scored": num_scored, "baseline_stride": stride or max(window // 4, 1), "dtype": dtype,
                "device_map": device_map, "seed": seed, "versions": _versions(), "plots": {}, "complete": False}
+    if ruler_samples is not None:
+        from importlib.metadata import version
+
+        from .ruler_tasks import ANSWER_MARGIN
+
+        results["ruler"] = {"tasks": list(dict.fromkeys(s.task for s in ruler_samples)), "lengths": ruler_lengths,
+                            "samples": samples, "chat_template": chat_template, "haystack": resources.haystack_source,
+                            "words": resources.words_source, "answer_margin": ANSWER_MARGIN,
+                            "batch_size": batch_size}
+        results["versions"]["wonderwords"] = version("wonderwords")
     runs = {run["method"]: run for run in results["runs"]}
 
     def save():
@@ -217,6 +269,24 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
             runs[method]["passkey"] = passkey_grid(use(method), tokenizer, passkey_lengths, depths, trials, seed,
                                                    progress=progress)
             save()
+    if ruler_samples is not None:  # "none" first when nothing is extended yet (no reload)
+        from .ruler import run_cells, summarize
+
+        order = sorted(methods, key=lambda m: m != "none") if state["method"] == "none" else methods
+        bar = tqdm(total=len(order) * sum(len(s.input_ids) for s in ruler_samples), desc="RULER", unit="tok",
+                   unit_scale=True, disable=not progress)
+        for method in order:
+            run = runs[method]
+            run["ruler"] = []
+
+            def save_cell(cell, run=run, method=method):
+                run["ruler"].append(cell)
+                results["ruler_summary"] = summarize(results["runs"])
+                bar.set_postfix_str(f"{method} {cell['task']}@{cell['length']}: {cell['score']:.0f}")
+                save()
+
+            run_cells(use(method), tokenizer, ruler_samples, batch_size, bar=bar, on_cell=save_cell)
+        bar.close()
     results["complete"] = True
     write_reports(results, output)
     return results
@@ -224,7 +294,7 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
 
 def write_reports(results: dict, output) -> str:
     """results.md, the plots and the final results.json from a results dict; returns the markdown."""
-    from .plots import passkey_heatmap, ppl_vs_length
+    from .plots import passkey_heatmap, ppl_vs_length, ruler_heatmap
 
     output = Path(output)
     if any(run.get("perplexity") for run in results["runs"]):
@@ -233,6 +303,12 @@ def write_reports(results: dict, output) -> str:
     if any(run.get("passkey") for run in results["runs"]):
         passkey_heatmap(results, output / "passkey_heatmap.png")
         results["plots"]["passkey_heatmap"] = "passkey_heatmap.png"
+    if any(run.get("ruler") for run in results["runs"]):
+        from .ruler import summarize
+
+        results["ruler_summary"] = summarize(results["runs"])
+        ruler_heatmap(results, output / "ruler_heatmap.png")
+        results["plots"]["ruler_heatmap"] = "ruler_heatmap.png"
     table = markdown_table(results)
     _write_atomic(output / "results.md", table)
     _write_atomic(output / "results.json", json.dumps(results, indent=2) + "\n")
@@ -275,4 +351,45 @@ def markdown_table(results: dict) -> str:
                 cells.append(f"{correct}/{trials} ({100 * correct / trials:.0f}%)" if trials else "not run")
             lines.append(f"| {_method_label(run)} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _ruler_tables(results)
     return "\n".join(lines)
+
+
+def _ruler_tables(results: dict) -> list:
+    """RULER's summary (mean over tasks per length, effective lengths), then every task's score."""
+    with_ruler = [run for run in results["runs"] if run.get("ruler")]
+    if not with_ruler:
+        return []
+    from .ruler import summarize
+
+    summary = summarize(results["runs"])
+    lengths = sorted({cell["length"] for run in with_ruler for cell in run["ruler"]})
+    reference = summary.get("reference")
+    relative = f"{summary['relative_threshold']:.0%} of " + (
+        f"the unextended model's {reference['score']:.1f} at {reference['length']}" if reference
+        else "the method's own score at its shortest length")
+    lines = [f"RULER, mean score over tasks (0-100), {results['ruler']['samples']} samples per task and length; "
+             f"effective length: the longest length up to which every length scores at least {relative}, "
+             f"or RULER's absolute {summary['absolute_threshold']}:", "",
+             "| method | " + " | ".join(str(n) for n in lengths) + " | effective (relative) | effective (absolute) |",
+             "|---|" + "---|" * (len(lengths) + 2)]
+    for run in with_ruler:
+        methods = summary["methods"][run["method"]]
+        averages = methods["average"]
+        lines.append(f"| {_method_label(run)} | " + " | ".join(f"{averages[str(n)]:.1f}" if str(n) in averages
+                                                                   else "not run" for n in lengths)
+                     + " | " + ("n/a (reference score 0)" if methods["reference_score"] <= 0
+                                else str(methods["effective_length_relative"] or f"< {lengths[0]}"))
+                     + f" | {methods['effective_length_absolute'] or '< ' + str(lengths[0])} |")
+    columns = [(run, n) for run in with_ruler for n in lengths]
+    lines += ["", "RULER score per task:", "",
+              "| task | " + " | ".join(f"{_method_label(run)} @ {n}" for run, n in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for task in results["ruler"]["tasks"]:
+        scores = []
+        for run, n in columns:
+            cell = next((c for c in run["ruler"] if c["task"] == task and c["length"] == n), None)
+            scores.append(f"{cell['score']:.0f}" if cell else "not run")
+        lines.append(f"| {task} | " + " | ".join(scores) + " |")
+    lines.append("")
+    return lines

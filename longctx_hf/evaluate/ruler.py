@@ -1,0 +1,133 @@
+"""Running RULER samples through a model, scoring them as RULER does, and the effective context length.
+
+Cost is what it has to be: one prefill per sample with a KV cache, greedy decoding of at most the answer's tokens plus
+a margin (stopping early at EOS), rows of equal length batched together, and a progress bar weighted by prompt
+tokens so that its ETA means something when lengths differ.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+from .ruler_tasks import ABSOLUTE_THRESHOLD, RELATIVE_THRESHOLD, TASKS
+
+
+def string_match_all(prediction: str, answers: list) -> float:
+    """RULER's string_match_all for one sample: the fraction of references found (case-insensitive) in the output."""
+    return sum(answer.lower() in prediction.lower() for answer in answers) / len(answers)
+
+
+def string_match_part(prediction: str, answers: list) -> float:
+    """RULER's string_match_part for one sample: 1 if any reference is found in the output."""
+    return float(any(answer.lower() in prediction.lower() for answer in answers))
+
+
+METRICS = {"all": string_match_all, "part": string_match_part}
+
+
+def clean_prediction(text: str) -> str:
+    """RULER's post-processing: control characters become newlines, surrounding whitespace goes."""
+    return re.sub(r"[\x00-\x1f]", "\n", text.strip()).strip()
+
+
+def _batches(samples, batch_size: int):
+    """Consecutive runs of samples with the same prompt length and answer budget, at most `batch_size` each."""
+    batch = []
+    for sample in samples:
+        if batch and (len(batch) == batch_size or len(sample.input_ids) != len(batch[0].input_ids)
+                      or sample.max_new_tokens != batch[0].max_new_tokens):
+            yield batch
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield batch
+
+
+def generate(model, tokenizer, samples, batch_size: int = 4, bar=None) -> list:
+    """Greedy outputs (decoded, cleaned) for `samples`, in order."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs = []
+    for batch in _batches(samples, batch_size):
+        ids = torch.tensor([sample.input_ids for sample in batch], device=model.device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=batch[0].max_new_tokens,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        for row in out[:, ids.shape[1]:]:
+            outputs.append(clean_prediction(tokenizer.decode(row, skip_special_tokens=True)))
+        if bar is not None:
+            bar.update(ids.numel())
+    return outputs
+
+
+def score_cell(samples, predictions) -> dict:
+    """One (task, length) cell: RULER's score (0-100) and every sample's prediction."""
+    metric = METRICS[TASKS[samples[0].task].metric]
+    scores = [metric(prediction, sample.answers) for sample, prediction in zip(samples, predictions)]
+    return {"task": samples[0].task, "length": samples[0].length, "samples": len(samples),
+            "metric": TASKS[samples[0].task].metric, "score": round(100 * sum(scores) / len(scores), 2),
+            "prompt_tokens": [len(sample.input_ids) for sample in samples],
+            "max_new_tokens": [sample.max_new_tokens for sample in samples],
+            "predictions": [{"answers": sample.answers, "prediction": prediction, "score": score}
+                            for sample, prediction, score in zip(samples, predictions, scores)]}
+
+
+def run_cells(model, tokenizer, samples, batch_size: int = 4, bar=None, on_cell=None) -> list:
+    """Score every (task, length) cell of `samples`; `on_cell(cell)` after each (to save progress)."""
+    cells = {}
+    for sample in samples:
+        cells.setdefault((sample.task, sample.length), []).append(sample)
+    results = []
+    for cell_samples in cells.values():
+        start = time.perf_counter()
+        cell = score_cell(cell_samples, generate(model, tokenizer, cell_samples, batch_size, bar))
+        cell["seconds"] = round(time.perf_counter() - start, 2)
+        results.append(cell)
+        if on_cell is not None:
+            on_cell(cell)
+    return results
+
+
+def average_by_length(cells: list) -> dict:
+    """Mean score over tasks at each length (RULER's summary), for lengths where every task was run."""
+    by_length = {}
+    for cell in cells:
+        by_length.setdefault(cell["length"], []).append(cell["score"])
+    return {length: round(sum(scores) / len(scores), 2) for length, scores in sorted(by_length.items())}
+
+
+def effective_length(averages: dict, threshold: float):
+    """The longest length such that it and every shorter evaluated length score at least `threshold`; None when
+    the shortest already falls below."""
+    longest = None
+    for length, score in sorted(averages.items()):
+        if score < threshold:
+            break
+        longest = length
+    return longest
+
+
+def summarize(runs: list) -> dict:
+    """Per-length averages and effective lengths of every run with RULER cells, against two thresholds: RULER's
+    absolute 85.6 and 85% of the reference score (the unextended model's, "none", at the shortest length; a run's
+    own shortest-length score when "none" was not run)."""
+    with_cells = [run for run in runs if run.get("ruler")]
+    if not with_cells:
+        return {}
+    reference_run = next((run for run in with_cells if run["method"] == "none"), None)
+    summary = {"absolute_threshold": ABSOLUTE_THRESHOLD, "relative_threshold": RELATIVE_THRESHOLD, "methods": {}}
+    if reference_run is not None:
+        averages = average_by_length(reference_run["ruler"])
+        shortest = min(averages)
+        summary["reference"] = {"method": "none", "length": shortest, "score": averages[shortest]}
+    for run in with_cells:
+        averages = average_by_length(run["ruler"])
+        reference = summary.get("reference", {}).get("score", averages[min(averages)])
+        summary["methods"][run["method"]] = {
+            "average": {str(n): s for n, s in averages.items()},
+            "reference_score": reference,
+            "effective_length_relative": (effective_length(averages, RELATIVE_THRESHOLD * reference)
+                                          if reference > 0 else None),  # nothing to keep a share of
+            "effective_length_absolute": effective_length(averages, ABSOLUTE_THRESHOLD)}
+    return summary
