@@ -62,13 +62,41 @@ def _counts_after(prompt, marker, pattern):
     return Counter(re.findall(pattern, own[:own.index("\nQuestion:")]))
 
 
-@pytest.mark.parametrize("name", list(TASKS))
-def test_every_sample_fits_its_length_and_holds_its_answer(name, tokenizer, resources):
+# RULER's own wording (NVIDIA/RULER scripts/data/synthetic/constants.py), typed out here as the independent reference
+RULER_ENDS = {
+    "niah": ("A special magic number is hidden within the following text. Make sure to memorize it. I will quiz you "
+             "about the number afterwards.\n", " mentioned in the provided text is"),
+    "niah_many": ("Some special magic numbers are hidden within the following text. Make sure to memorize it. I will "
+                  "quiz you about the numbers afterwards.\n", " mentioned in the provided text are"),
+    "vt": ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n",
+           ", they are: "),
+    "cwe": ("Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones "
+            "that appear most often.\n", "\nQuestion: What are the 10 most common words in the above list? Answer: "
+            "The top 10 words that appear most often in the list are:"),
+    "fwe": ("Read the following coded text and track the frequency of each coded word. Find the three most "
+            "frequently appeared coded words. ", "\nQuestion: Do not provide any explanation. Please ignore the "
+            "dots '....'. What are the three most frequently appeared words in the above coded text? Answer: "
+            "According to the coded text above, the three most frequently appeared words are:"),
+}
+
+
+def _ends(name):
+    if name in ("niah_multivalue", "niah_multiquery"):
+        return RULER_ENDS["niah_many"]
+    if name == "niah_single_3" or name == "niah_multikey_3":
+        return tuple(part.replace("number", "uuid") for part in RULER_ENDS["niah"])
+    return RULER_ENDS[name if name in RULER_ENDS else "niah"]
+
+
+@pytest.mark.parametrize("name, length", [(name, LENGTH) for name in TASKS] + [("cwe", 3072)])
+def test_every_sample_fits_its_length_and_holds_its_answer(name, length, tokenizer, resources):
     for index in range(2):
-        sample = build_sample(tokenizer, TASKS[name], LENGTH, index, seed=7, resources=resources)
+        sample = build_sample(tokenizer, TASKS[name], length, index, seed=7, resources=resources)
         # the model's own tokens: prompt plus answer budget within the length, and nearly filling it
-        assert len(sample.input_ids) + sample.max_new_tokens <= LENGTH
-        assert len(sample.input_ids) + sample.max_new_tokens > 0.9 * LENGTH
+        assert len(sample.input_ids) + sample.max_new_tokens <= length
+        assert len(sample.input_ids) + sample.max_new_tokens > 0.9 * length
+        start, end = _ends(name)
+        assert sample.prompt.startswith(start) and sample.prompt.endswith(end)
         assert sample.input_ids == tokenizer(sample.prompt).input_ids
         seen = tokenizer.decode(sample.input_ids)
         assert all(answer in seen for answer in sample.answers)
@@ -123,16 +151,39 @@ def test_summary_uses_the_unextended_models_shortest_score_as_reference():
 
     runs = [run("none", {4096: {"a": 100.0, "b": 60.0}, 8192: {"a": 0.0, "b": 0.0}}),
             run("yarn", {4096: {"a": 90.0, "b": 50.0}, 8192: {"a": 80.0, "b": 40.0}, 16384: {"a": 60.0, "b": 0.0}})]
-    summary = summarize(runs)
+    summary = summarize(runs, ["a", "b"], pretrained_length=8192)
     assert summary["reference"] == {"method": "none", "length": 4096, "score": 80.0}
     yarn = summary["methods"]["yarn"]
     assert yarn["average"] == {"4096": 70.0, "8192": 60.0, "16384": 30.0}
     assert yarn["effective_length_relative"] == 4096  # 70 >= 0.85 * 80 = 68 > 60
     assert yarn["effective_length_absolute"] is None  # 70 < 85.6 already at the shortest
     assert summary["methods"]["none"]["effective_length_relative"] == 4096
-    alone = summarize(runs[1:])  # no unextended run: each method against its own shortest length
+    alone = summarize(runs[1:], ["a", "b"], 8192)  # no unextended run: each method against its own shortest
     assert "reference" not in alone and alone["methods"]["yarn"]["reference_score"] == 70.0
     assert alone["methods"]["yarn"]["effective_length_relative"] == 8192  # 60 >= 59.5
+    # a reference read past the pretrained length would make the threshold meaningless: no relative length
+    past = summarize(runs, ["a", "b"], pretrained_length=2048)
+    assert past["methods"]["yarn"]["effective_length_relative"] is None
+    assert "past the pretrained length 2048" in past["methods"]["yarn"]["relative_note"]
+    # a length with a task missing (a cut-off run) has no mean
+    cut = summarize([run("yarn", {4096: {"a": 90.0, "b": 50.0}, 8192: {"a": 80.0}})], ["a", "b"], 8192)
+    assert cut["methods"]["yarn"]["average"] == {"4096": 70.0}
+
+
+def test_common_words_refuses_a_length_beyond_its_word_list(tokenizer, resources):
+    with pytest.raises(ValueError, match="too long for task 'cwe'.*all the word list has"):
+        build_sample(tokenizer, TASKS["cwe"], 400_000, 0, seed=0, resources=resources)
+
+
+def test_chat_template_wraps_the_question_and_keeps_the_answer_prefix(tokenizer, resources):
+    chat = char_tokenizer()
+    chat.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    sample = build_sample(chat, TASKS["niah_single_2"], 2048, 0, seed=1, resources=resources, chat_template=True)
+    plain = build_sample(tokenizer, TASKS["niah_single_2"], 2048, 0, seed=1, resources=resources)
+    assert sample.prompt.startswith("<user>A special magic number is hidden")
+    assert "mentioned in the provided text?</user>\n<assistant>The special magic number for " in sample.prompt
+    assert sample.answers == plain.answers and len(sample.input_ids) + sample.max_new_tokens <= 2048
 
 
 def test_batched_rows_generate_what_single_rows_do(tiny_folder, tokenizer, resources):
@@ -156,7 +207,7 @@ def test_batched_rows_generate_what_single_rows_do(tiny_folder, tokenizer, resou
 def test_evaluate_model_writes_ruler_cells_summary_and_heatmap(tiny_folder, tmp_path):
     out = tmp_path / "out"
     results = evaluate_model(str(tiny_folder), ["none", "yarn"], tasks=["ruler"], lengths=[768, 1024],
-                             ruler_tasks=["niah_single_1", "niah_multikey_2"], samples=2, output=str(out),
+                             ruler_tasks=["niah_single_1", "niah_multikey_2", "niah_single_1"], samples=2, output=str(out),
                              progress=False)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results)) and on_disk["complete"]
@@ -187,6 +238,7 @@ def test_evaluate_model_writes_ruler_cells_summary_and_heatmap(tiny_folder, tmp_
     (["--haystack", "/no/such/file.txt"], "--haystack"),
     (["--ruler-lengths", "300"], "300 tokens is too short for task"),
     (["--chat-template"], "has no chat template"),
+    (["--ruler-tasks", "cwe,cwe", "--samples", "0"], "--samples"),
 ])
 def test_cli_ruler_rejects_bad_input_before_loading(tiny_folder, tmp_path, args, message):
     out = tmp_path / "out"
@@ -215,3 +267,9 @@ def test_smollm2_finds_single_needles(chat_template, tmp_path):
     cell = results["runs"][0]["ruler"][0]
     assert cell["score"] == 100.0, cell["predictions"]
     assert all(920 <= p <= 1024 - m for p, m in zip(cell["prompt_tokens"], cell["max_new_tokens"]))
+
+
+def test_ruler_options_without_the_ruler_task_are_refused(tiny_folder, tmp_path):
+    done = cli(str(tiny_folder), "--tasks", "passkey", "--method", "none", "--lengths", "128", "--ruler-lengths",
+               "16k", "--output", str(tmp_path / "out"), timeout=120)
+    assert done.returncode == 2 and "ruler_lengths only apply to RULER" in done.stderr, done.stderr[-2000:]

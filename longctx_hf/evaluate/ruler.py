@@ -89,17 +89,19 @@ def run_cells(model, tokenizer, samples, batch_size: int = 4, bar=None, on_cell=
     return results
 
 
-def average_by_length(cells: list) -> dict:
-    """Mean score over tasks at each length (RULER's summary), for lengths where every task was run."""
+def average_by_length(cells: list, tasks: list) -> dict:
+    """Mean score over `tasks` at each length where every one of them was run (RULER's summary); a length with a
+    task missing (a cut-off run) has no mean."""
     by_length = {}
     for cell in cells:
-        by_length.setdefault(cell["length"], []).append(cell["score"])
-    return {length: round(sum(scores) / len(scores), 2) for length, scores in sorted(by_length.items())}
+        by_length.setdefault(cell["length"], {})[cell["task"]] = cell["score"]
+    return {length: round(sum(scores.values()) / len(scores), 2) for length, scores in sorted(by_length.items())
+            if set(scores) >= set(tasks)}
 
 
 def effective_length(averages: dict, threshold: float):
-    """The longest length such that it and every shorter evaluated length score at least `threshold`; None when
-    the shortest already falls below."""
+    """The longest length such that it and every shorter evaluated length score at least `threshold` (stricter than
+    RULER, which does not ask the shorter lengths); None when the shortest already falls below."""
     longest = None
     for length, score in sorted(averages.items()):
         if score < threshold:
@@ -108,26 +110,37 @@ def effective_length(averages: dict, threshold: float):
     return longest
 
 
-def summarize(runs: list) -> dict:
-    """Per-length averages and effective lengths of every run with RULER cells, against two thresholds: RULER's
-    absolute 85.6 and 85% of the reference score (the unextended model's, "none", at the shortest length; a run's
-    own shortest-length score when "none" was not run)."""
+def summarize(runs: list, tasks: list, pretrained_length: int) -> dict:
+    """Per-length means and effective lengths of every run with RULER cells, against two thresholds: RULER's
+    absolute 85.6, and 85% of a reference score read inside the pretrained length: the unextended model's ("none")
+    mean at the shortest length, or without "none" each method's own. A reference read past the pretrained length
+    (or equal to 0) would make the relative threshold meaningless, so there is then no relative effective length."""
     with_cells = [run for run in runs if run.get("ruler")]
     if not with_cells:
         return {}
-    reference_run = next((run for run in with_cells if run["method"] == "none"), None)
     summary = {"absolute_threshold": ABSOLUTE_THRESHOLD, "relative_threshold": RELATIVE_THRESHOLD, "methods": {}}
-    if reference_run is not None:
-        averages = average_by_length(reference_run["ruler"])
-        shortest = min(averages)
-        summary["reference"] = {"method": "none", "length": shortest, "score": averages[shortest]}
+    none = next((run for run in with_cells if run["method"] == "none"), None)
+    if none is not None:
+        averages = average_by_length(none["ruler"], tasks)
+        if averages:
+            shortest = min(averages)
+            summary["reference"] = {"method": "none", "length": shortest, "score": averages[shortest]}
     for run in with_cells:
-        averages = average_by_length(run["ruler"])
-        reference = summary.get("reference", {}).get("score", averages[min(averages)])
+        averages = average_by_length(run["ruler"], tasks)
+        if none is not None:
+            reference = summary.get("reference")
+        else:
+            reference = {"method": run["method"], "length": min(averages), "score": averages[min(averages)]} \
+                if averages else None
+        usable = reference is not None and reference["length"] <= pretrained_length and reference["score"] > 0
         summary["methods"][run["method"]] = {
-            "average": {str(n): s for n, s in averages.items()},
-            "reference_score": reference,
-            "effective_length_relative": (effective_length(averages, RELATIVE_THRESHOLD * reference)
-                                          if reference > 0 else None),  # nothing to keep a share of
+            "average": {str(n): score for n, score in averages.items()},
+            "reference_score": reference["score"] if reference else None,
+            "effective_length_relative": (effective_length(averages, RELATIVE_THRESHOLD * reference["score"])
+                                          if usable else None),
+            "relative_note": None if usable else (
+                "no complete length yet" if reference is None else
+                f"reference at {reference['length']} is past the pretrained length {pretrained_length}"
+                if reference["length"] > pretrained_length else "reference score is 0"),
             "effective_length_absolute": effective_length(averages, ABSOLUTE_THRESHOLD)}
     return summary

@@ -11,7 +11,7 @@ size that fills the length never changes the keys, values or answers.
 """
 from __future__ import annotations
 
-import math
+import hashlib
 import re
 import string
 import uuid
@@ -22,7 +22,7 @@ from random import Random
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER: np.linspace(0, 100, 40), rounded
-ANSWER_MARGIN = 16  # generated tokens beyond the reference answer's own (a leading space, list punctuation, ...)
+ANSWER_MARGIN = 16  # generated tokens beyond twice the reference answer's own (room to restate keys, punctuation)
 ABSOLUTE_THRESHOLD = 85.6  # RULER's: Llama-2-7B's average score at 4k
 RELATIVE_THRESHOLD = 0.85  # this tool's: 85% of the model's own score at the shortest length
 
@@ -50,12 +50,14 @@ FWE_PREFIX = " Answer: According to the coded text above, the three most frequen
 
 @dataclass(frozen=True)
 class Task:
-    """One RULER task: its generator (`kind`), options, and metric ("all": the fraction of the reference answers
-    found in the output, RULER's string_match_all; "part": 1 if any is found, string_match_part)."""
+    """One RULER task: its generator (`kind`), options, metric ("all": the fraction of the reference answers found
+    in the output, RULER's string_match_all; "part": 1 if any is found, string_match_part) and RULER's fixed
+    answer budget in tokens (`tokens_to_generate`), the ceiling of this tool's smaller one."""
     name: str
     kind: str
     options: dict = field(default_factory=dict)
     metric: str = "all"
+    ruler_budget: int = 128
 
 
 def _niah(name, haystack, key="words", value="numbers", keys=1, values=1, queries=1):
@@ -72,9 +74,9 @@ TASKS = {task.name: task for task in (
     _niah("niah_multikey_3", "needle", key="uuids", value="uuids"),
     _niah("niah_multivalue", "essay", values=4),
     _niah("niah_multiquery", "essay", queries=4),
-    Task("vt", "variable_tracking", dict(chains=1, hops=4)),
-    Task("cwe", "common_words", dict(common=10, common_repeats=30, uncommon_repeats=3)),
-    Task("fwe", "frequent_words", dict(alpha=2.0, word_length=6)),
+    Task("vt", "variable_tracking", dict(chains=1, hops=4), ruler_budget=30),
+    Task("cwe", "common_words", dict(common=10, common_repeats=30, uncommon_repeats=3), ruler_budget=120),
+    Task("fwe", "frequent_words", dict(alpha=2.0, word_length=6), ruler_budget=50),
 )}
 
 
@@ -116,6 +118,7 @@ class Resources:
         else:
             text = Path(haystack_file).read_text(encoding="utf-8", errors="replace")
             self.haystack_source = str(haystack_file)
+        self.haystack_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
         self.essay_words = re.sub(r"\s+", " ", text).strip().split(" ")
         if len(self.essay_words) < 100:
             raise ValueError(f"haystack (--haystack) {self.haystack_source} has only {len(self.essay_words)} words")
@@ -195,20 +198,20 @@ def _niah_text(options: dict, rng: Random, size: int, resources: Resources):
         answers
 
 
-def _variables(rng: Random, count: int) -> list:
+def _variables(rng: Random, count: int, letters: int) -> list:
     names = []
     while len(names) < count:
-        name = "".join(rng.choices(string.ascii_uppercase, k=5))
+        name = "".join(rng.choices(string.ascii_uppercase, k=letters))
         if name not in names:
             names.append(name)
     return names
 
 
-def _vt_example(options: dict, rng: Random, noise_sentences: int):
+def _vt_example(options: dict, rng: Random, noise_sentences: int, letters: int = 5):
     """One variable-tracking prompt over `noise_sentences` noise lines: (question, prefix, variables). The question
     asks for the variables of the first chain."""
     sentences = [NOISE] * noise_sentences
-    names = _variables(rng, options["chains"] * (options["hops"] + 1))
+    names = _variables(rng, options["chains"] * (options["hops"] + 1), letters)
     chains = []
     for c in range(options["chains"]):
         chain_names = names[c * (options["hops"] + 1):(c + 1) * (options["hops"] + 1)]
@@ -226,7 +229,7 @@ def _vt_example(options: dict, rng: Random, noise_sentences: int):
 
 def _vt_text(options: dict, rng: Random, size: int, resources: Resources):
     shot_rng, main_rng = Random(rng.getrandbits(64)), Random(rng.getrandbits(64))
-    shot_question, shot_prefix, shot_answers = _vt_example(options, shot_rng, 20)  # RULER: a ~500-token example
+    shot_question, shot_prefix, shot_answers = _vt_example(options, shot_rng, 20, letters=3)  # RULER: a ~500-token example
     question, prefix, answers = _vt_example(options, main_rng, size)
     return f"{shot_question}{shot_prefix}{' '.join(shot_answers)}\n{question}", prefix, answers
 
@@ -268,7 +271,7 @@ def _zeta(alpha: float) -> float:
 
 
 def _fwe_text(options: dict, rng: Random, size: int, resources: Resources, length: int):
-    vocab_size = max(length // 50, 10)  # RULER's default vocabulary size
+    vocab_size = max((length - 50) // 50, 10)  # RULER's default: (length - its 50-token budget) // 50
     vocab = set()
     while len(vocab) < vocab_size:
         vocab.add("".join(rng.choices(string.ascii_lowercase, k=options["word_length"])))
@@ -294,6 +297,13 @@ def task_text(task: Task, seed_key: str, size: int, resources: Resources, length
     return _fwe_text(task.options, rng, size, resources, length)
 
 
+def _max_size(task: Task, resources: Resources):
+    """The largest haystack a task can make (None: unbounded)."""
+    if task.kind == "common_words":
+        return len(resources.all_words) - task.options["common"]
+    return None
+
+
 def _min_size(task: Task) -> int:
     """The smallest haystack a task is defined for."""
     if task.kind == "frequent_words":
@@ -313,10 +323,12 @@ def render(tokenizer, question: str, prefix: str, chat_template: bool):
     return text, tokenizer(text).input_ids
 
 
-def answer_tokens(tokenizer, task: Task, answers: list) -> int:
-    """Tokens a complete answer takes, written as the task's examples write it; generation stops a margin after."""
+def answer_budget(tokenizer, task: Task, answers: list) -> int:
+    """Tokens generated at most: twice the reference answer's own (as the task's examples write it) plus a margin,
+    room to restate each key before its value; never more than RULER's fixed budget for the task."""
     text = _numbered(answers) if task.kind == "common_words" else ", ".join(answers)
-    return len(tokenizer(" " + text, add_special_tokens=False).input_ids) + ANSWER_MARGIN
+    own = len(tokenizer(" " + text, add_special_tokens=False).input_ids)
+    return min(2 * own + ANSWER_MARGIN, max(task.ruler_budget, own))
 
 
 def build_sample(tokenizer, task: Task, length: int, index: int, seed: int, resources: Resources,
@@ -332,15 +344,22 @@ def build_sample(tokenizer, task: Task, length: int, index: int, seed: int, reso
 
     low = _min_size(task)
     text, ids, answers = make(low)
-    budget = length - answer_tokens(tokenizer, task, answers)
+    budget = length - answer_budget(tokenizer, task, answers)
     if len(ids) > budget:
         raise ValueError(f"lengths: {length} tokens is too short for task {task.name!r}: its smallest prompt takes "
                          f"{len(ids)} tokens plus {length - budget} for the answer")
     per_unit = max(len(ids), 1) / low
-    high = low
+    high, largest = low, _max_size(task, resources)
     best = (low, text, ids)
     while True:  # grow until the prompt no longer fits, then bisect
         high = max(high * 2, int(budget / per_unit * 1.2))
+        if largest is not None and high >= largest:
+            high = largest
+            text, ids, _ = make(high)
+            if len(ids) <= budget:
+                raise ValueError(f"lengths: {length} tokens is too long for task {task.name!r}: its largest prompt "
+                                 f"({largest} distinct words, all the word list has) takes only {len(ids)} tokens")
+            break
         if high > 64 * length:
             raise ValueError(f"task {task.name!r}: the prompt stays under {length} tokens however large its haystack "
                              f"({len(ids)} tokens with {best[0]} units); the tokenizer does not encode the text")
@@ -382,6 +401,3 @@ def check_task_names(names) -> list:
         raise ValueError(f"ruler_tasks (--ruler-tasks): unknown task(s) {unknown}; known: {', '.join(TASKS)}")
     return list(dict.fromkeys(names))
 
-
-def scale(score: float) -> float:  # RULER reports 0-100
-    return round(100 * score, 2) if not math.isnan(score) else score

@@ -144,8 +144,19 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
 
     lengths, depths, tasks, methods = sorted(set(lengths)), list(depths), list(tasks), list(methods)
     passkey_lengths = lengths if passkey_lengths is None else sorted(set(passkey_lengths))
-    ruler_lengths = lengths if ruler_lengths is None else sorted(set(ruler_lengths))
+    if "ruler" not in tasks:
+        given = {"ruler_tasks": ruler_tasks, "ruler_lengths": ruler_lengths, "haystack_file": haystack_file,
+                 "chat_template": chat_template or None, "samples": None if samples == 5 else samples,
+                 "batch_size": None if batch_size == 1 else batch_size}
+        ignored = [name for name, value in given.items() if value is not None]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} only apply to RULER: add 'ruler' to tasks (--tasks)")
+        ruler_lengths = []
+    else:
+        ruler_lengths = lengths if ruler_lengths is None else sorted(set(ruler_lengths))
     ruler_tasks = list(RULER_TASKS) if ruler_tasks is None else ruler_tasks
+    if not isinstance(ruler_tasks, str):
+        ruler_tasks = list(dict.fromkeys(ruler_tasks))  # each task once, in the caller's order
     check_options(methods=methods, lengths=lengths + passkey_lengths + ruler_lengths, tasks=tasks, depths=depths,
                   trials=trials, factor=factor, dtype=dtype, device_map=device_map, output=output,
                   num_scored=num_scored, stride=stride, text_file=text_file, ruler_tasks=ruler_tasks, samples=samples,
@@ -227,12 +238,14 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
                "tokens_scored": num_scored, "baseline_stride": stride or max(window // 4, 1), "dtype": dtype,
                "device_map": device_map, "seed": seed, "versions": _versions(), "plots": {}, "complete": False}
     if ruler_samples is not None:
+        import platform
         from importlib.metadata import version
 
         from .ruler_tasks import ANSWER_MARGIN
 
         results["ruler"] = {"tasks": list(dict.fromkeys(s.task for s in ruler_samples)), "lengths": ruler_lengths,
                             "samples": samples, "chat_template": chat_template, "haystack": resources.haystack_source,
+                            "haystack_sha256": resources.haystack_sha256, "python": platform.python_version(),
                             "words": resources.words_source, "answer_margin": ANSWER_MARGIN,
                             "batch_size": batch_size}
         results["versions"]["wonderwords"] = version("wonderwords")
@@ -270,7 +283,7 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
                                                    progress=progress)
             save()
     if ruler_samples is not None:  # "none" first when nothing is extended yet (no reload)
-        from .ruler import run_cells, summarize
+        from .ruler import run_cells
 
         order = sorted(methods, key=lambda m: m != "none") if state["method"] == "none" else methods
         bar = tqdm(total=len(order) * sum(len(s.input_ids) for s in ruler_samples), desc="RULER", unit="tok",
@@ -281,7 +294,7 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
 
             def save_cell(cell, run=run, method=method):
                 run["ruler"].append(cell)
-                results["ruler_summary"] = summarize(results["runs"])
+                results["ruler_summary"] = ruler_summary(results)
                 bar.set_postfix_str(f"{method} {cell['task']}@{cell['length']}: {cell['score']:.0f}")
                 save()
 
@@ -304,9 +317,7 @@ def write_reports(results: dict, output) -> str:
         passkey_heatmap(results, output / "passkey_heatmap.png")
         results["plots"]["passkey_heatmap"] = "passkey_heatmap.png"
     if any(run.get("ruler") for run in results["runs"]):
-        from .ruler import summarize
-
-        results["ruler_summary"] = summarize(results["runs"])
+        results["ruler_summary"] = ruler_summary(results)
         ruler_heatmap(results, output / "ruler_heatmap.png")
         results["plots"]["ruler_heatmap"] = "ruler_heatmap.png"
     table = markdown_table(results)
@@ -355,14 +366,18 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def ruler_summary(results: dict) -> dict:
+    from .ruler import summarize
+
+    return summarize(results["runs"], results["ruler"]["tasks"], results["pretrained_length"])
+
+
 def _ruler_tables(results: dict) -> list:
     """RULER's summary (mean over tasks per length, effective lengths), then every task's score."""
     with_ruler = [run for run in results["runs"] if run.get("ruler")]
     if not with_ruler:
         return []
-    from .ruler import summarize
-
-    summary = summarize(results["runs"])
+    summary = ruler_summary(results)
     lengths = sorted({cell["length"] for run in with_ruler for cell in run["ruler"]})
     reference = summary.get("reference")
     relative = f"{summary['relative_threshold']:.0%} of " + (
@@ -377,8 +392,8 @@ def _ruler_tables(results: dict) -> list:
         methods = summary["methods"][run["method"]]
         averages = methods["average"]
         lines.append(f"| {_method_label(run)} | " + " | ".join(f"{averages[str(n)]:.1f}" if str(n) in averages
-                                                                   else "not run" for n in lengths)
-                     + " | " + ("n/a (reference score 0)" if methods["reference_score"] <= 0
+                                                                   else "incomplete" for n in lengths)
+                     + " | " + (f"n/a ({methods['relative_note']})" if methods["relative_note"]
                                 else str(methods["effective_length_relative"] or f"< {lengths[0]}"))
                      + f" | {methods['effective_length_absolute'] or '< ' + str(lengths[0])} |")
     columns = [(run, n) for run in with_ruler for n in lengths]

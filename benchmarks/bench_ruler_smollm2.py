@@ -1,0 +1,93 @@
+"""RULER on SmolLM2-135M-Instruct (pretrained to 8192 tokens): the unextended model and extension methods at x2.
+
+Every (method, length) is its own `longctx_hf.evaluate.evaluate_model` run in its own folder, lengths in the outer
+loop, so a run that is cut off keeps every finished cell and a second call continues where it stopped (finished
+folders are skipped, an unfinished one is started again in a new folder). The samples are the same for every
+method: they depend only on the seed, the task, the length and the tokenizer.
+
+    python benchmarks/bench_ruler_smollm2.py run OUT [--methods none,yarn,self_extend] [--lengths 4k,8k,16k]
+        [--samples 5] [--factor 2] [--no-chat-template]
+    python benchmarks/bench_ruler_smollm2.py combine OUT
+        -> OUT/combined/results.json, results.md, ruler_heatmap.png (every finished cell)
+"""
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+
+def _folder(output, method, length):
+    return Path(output) / f"{method}-{length}"
+
+
+def run(args):
+    from longctx_hf.evaluate import evaluate_model
+    from longctx_hf.evaluate.run import parse_length
+
+    lengths = [parse_length(n) for n in args.lengths.split(",")]
+    for length in lengths:
+        for method in args.methods.split(","):
+            folder = _folder(args.output, method, length)
+            done = folder / "results.json"
+            if done.exists() and json.loads(done.read_text())["complete"]:
+                print(f"{folder.name}: done already", flush=True)
+                continue
+            if folder.exists():  # cut off: keep what it wrote, start this cell again
+                shutil.move(folder, folder.with_name(f"{folder.name}.cut-{int(time.time())}"))
+            start = time.perf_counter()
+            evaluate_model("smollm2", [method], factor=None if method == "none" else args.factor, lengths=[length],
+                           tasks=["ruler"], samples=args.samples, chat_template=args.chat_template, seed=0,
+                           output=str(folder))
+            print(f"{folder.name}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def combine(args):
+    from longctx_hf.evaluate import write_reports
+
+    parts = sorted((json.loads((p / "results.json").read_text()) for p in Path(args.output).iterdir()
+                    if p.is_dir() and "." not in p.name and p.name != "combined" and (p / "results.json").exists()),
+                   key=lambda r: r["ruler"]["lengths"][0])
+    if not parts:
+        raise SystemExit(f"no runs in {args.output}")
+    order = list(dict.fromkeys(["none"] + [part["runs"][0]["method"] for part in parts]))
+    runs = {}
+    for part in parts:
+        source = part["runs"][0]
+        run = runs.setdefault(source["method"], {key: value for key, value in source.items() if key != "ruler"}
+                              | {"ruler": []})
+        run["ruler"] += source.get("ruler", [])
+    first = parts[0]
+    combined = {key: value for key, value in first.items() if key not in ("runs", "ruler_summary", "plots")}
+    combined["runs"] = [runs[method] for method in order if method in runs]
+    combined["ruler"] = dict(first["ruler"], lengths=sorted({n for part in parts for n in part["ruler"]["lengths"]}))
+    combined["lengths"] = combined["ruler"]["lengths"]
+    combined["plots"] = {}
+    combined["complete"] = all(part["complete"] for part in parts)
+    combined["combined_from"] = sorted(f"{part['runs'][0]['method']}-{part['ruler']['lengths'][0]}"
+                                       for part in parts)
+    out = Path(args.output) / "combined"
+    out.mkdir(exist_ok=True)
+    print(write_reports(combined, out))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(required=True)
+    part = sub.add_parser("run")
+    part.add_argument("output")
+    part.add_argument("--methods", default="none,yarn,self_extend")
+    part.add_argument("--lengths", default="4k,8k,16k")
+    part.add_argument("--samples", type=int, default=5)
+    part.add_argument("--factor", type=float, default=2.0)
+    part.add_argument("--no-chat-template", dest="chat_template", action="store_false")
+    part.set_defaults(run=run)
+    part = sub.add_parser("combine")
+    part.add_argument("output")
+    part.set_defaults(run=combine)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
