@@ -50,7 +50,7 @@ def combine(args):
                    key=lambda r: r["ruler"]["lengths"][0])
     if not parts:
         raise SystemExit(f"no runs in {args.output}")
-    order = list(dict.fromkeys(["none"] + [part["runs"][0]["method"] for part in parts]))
+    order = list(dict.fromkeys(["none", "yarn"] + [part["runs"][0]["method"] for part in parts]))
     runs = {}
     for part in parts:
         source = part["runs"][0]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_evaluate import char_tokenizer, tiny_folder  # noqa: F401  (fixture)
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 from longctx_hf import extend_context, search_rope_factors
@@ -131,7 +130,7 @@ def test_the_calibration_text_must_not_be_the_evaluation_text(trained, tmp_path)
         search_rope_factors(trained, torch.zeros(10, dtype=torch.long), factor=2, output_dir=tmp_path, budget=2)
 
 
-def test_cli_search_writes_factors_and_a_checkpoint_that_says_how_they_were_found(tiny_folder, tmp_path):  # noqa: F811
+def test_cli_search_writes_factors_and_a_checkpoint_that_says_how_they_were_found(tiny_folder, tmp_path):
     text = tmp_path / "calibration.txt"
     text.write_text(" ".join(f"word{i % 97} value {i}" for i in range(4000)))
     out = cli("search", str(tiny_folder), "--factor", "2", "--budget", "3", "--text", str(text),
