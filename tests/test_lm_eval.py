@@ -1,7 +1,8 @@
 """Extended checkpoints in lm-evaluation-harness (`lm_eval --model hf`), on a local task file: its per-sample
 log-likelihoods equal the ones a fresh process without longctx_hf computes, for a static checkpoint and for one
-that needs trust_remote_code (the child never imports longctx_hf); and a dynamic checkpoint needs `max_length`, because lm_eval truncates every input
-to config.max_position_embeddings, which dynamic scaling leaves at the pretrained length."""
+that needs trust_remote_code (the child never imports longctx_hf); and a dynamic checkpoint needs `max_length`,
+because lm_eval truncates every input to config.max_position_embeddings, which dynamic scaling leaves at the
+pretrained length."""
 import json
 import os
 import random

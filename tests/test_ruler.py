@@ -207,8 +207,8 @@ def test_batched_rows_generate_what_single_rows_do(tiny_folder, tokenizer, resou
 def test_evaluate_model_writes_ruler_cells_summary_and_heatmap(tiny_folder, tmp_path):
     out = tmp_path / "out"
     results = evaluate_model(str(tiny_folder), ["none", "yarn"], tasks=["ruler"], lengths=[768, 1024],
-                             ruler_tasks=["niah_single_1", "niah_multikey_2", "niah_single_1"], samples=2, output=str(out),
-                             progress=False)
+                             ruler_tasks=["niah_single_1", "niah_multikey_2", "niah_single_1"], samples=2,
+                             output=str(out), progress=False)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results)) and on_disk["complete"]
     assert on_disk["ruler"]["tasks"] == ["niah_single_1", "niah_multikey_2"] and on_disk["ruler"]["samples"] == 2

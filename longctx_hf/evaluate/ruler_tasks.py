@@ -229,7 +229,8 @@ def _vt_example(options: dict, rng: Random, noise_sentences: int, letters: int =
 
 def _vt_text(options: dict, rng: Random, size: int, resources: Resources):
     shot_rng, main_rng = Random(rng.getrandbits(64)), Random(rng.getrandbits(64))
-    shot_question, shot_prefix, shot_answers = _vt_example(options, shot_rng, 20, letters=3)  # RULER: a ~500-token example
+    # RULER's in-context example: ~500 tokens, 3-letter names
+    shot_question, shot_prefix, shot_answers = _vt_example(options, shot_rng, 20, letters=3)
     question, prefix, answers = _vt_example(options, main_rng, size)
     return f"{shot_question}{shot_prefix}{' '.join(shot_answers)}\n{question}", prefix, answers
 

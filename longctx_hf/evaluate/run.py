@@ -123,8 +123,8 @@ def _versions() -> dict:
 
 
 def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(2048, 4096, 8192, 16384),
-                   tasks=("ppl", "passkey"), text=None, text_file=None, depths=(0.1, 0.5, 0.9), trials=3, dtype="float32",
-                   device_map=None, output=None, num_scored=None, stride=None, passkey_lengths=None, seed=0,
+                   tasks=("ppl", "passkey"), text=None, text_file=None, depths=(0.1, 0.5, 0.9), trials=3,
+                   dtype="float32", device_map=None, output=None, num_scored=None, stride=None, passkey_lengths=None, seed=0,
                    progress=True, ruler_tasks=None, ruler_lengths=None, samples=5, chat_template=False,
                    batch_size=1, haystack_file=None) -> dict:
     """Compare `methods` ("none" = the model as loaded) on perplexity vs length, passkey retrieval and RULER.
@@ -230,6 +230,10 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
         state["method"] = method
         return state["model"]
 
+    def unextended_first():
+        """The caller's order, "none" first while nothing is extended yet (so it needs no reload)."""
+        return sorted(methods, key=lambda m: m != "none") if state["method"] == "none" else methods
+
     results = {"model": str(model), "model_path": path, "pretrained_length": window,
                "runs": [{"method": m, "factor": None if m == "none" else float(factor), "options": {}}
                         for m in methods],
@@ -276,16 +280,16 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
                 run["perplexity"].append({"length": length, "ppl": ppl, "baseline_ppl": baseline[length][0],
                                           "tokens_scored": num_scored, "seconds": time.perf_counter() - start})
                 save()
-    if "passkey" in tasks:  # in the caller's order; "none" first when nothing is extended yet (no reload)
-        order = sorted(methods, key=lambda m: m != "none") if state["method"] == "none" else methods
+    if "passkey" in tasks:
+        order = unextended_first()
         for method in order:
             runs[method]["passkey"] = passkey_grid(use(method), tokenizer, passkey_lengths, depths, trials, seed,
                                                    progress=progress)
             save()
-    if ruler_samples is not None:  # "none" first when nothing is extended yet (no reload)
+    if ruler_samples is not None:
         from .ruler import run_cells
 
-        order = sorted(methods, key=lambda m: m != "none") if state["method"] == "none" else methods
+        order = unextended_first()
         bar = tqdm(total=len(order) * sum(len(s.input_ids) for s in ruler_samples), desc="RULER", unit="tok",
                    unit_scale=True, disable=not progress)
         for method in order:
