@@ -1,6 +1,7 @@
 """LongRoPE search on SmolLM2-135M (pretrained 8192 tokens), then the searched factors against YaRN on held-out text.
 
-    python benchmarks/bench_longrope_search.py search FACTOR OUTPUT [--budget N]   # calibration: stdlib packages
+    python benchmarks/bench_longrope_search.py search FACTOR OUTPUT [--budget N] [--scored-tokens N]
+        # calibration: stdlib packages; fitness: perplexity of the window, or of its last N tokens
     python benchmarks/bench_longrope_search.py evaluate FACTOR OUTPUT [--passkey yarn,longrope_searched]
 
 `search` runs `longctx_hf.search.run_search` (resumable: run it again to continue). `evaluate` scores the last
@@ -65,6 +66,7 @@ def main():
     parser.add_argument("factor", type=float)
     parser.add_argument("output")
     parser.add_argument("--budget", type=int, default=24)
+    parser.add_argument("--scored-tokens", type=int, default=None, help="search: fitness on the last N tokens only")
     parser.add_argument("--passkey", default="", help="comma-separated variants: yarn, longrope_searched")
     parser.add_argument("--variants", default="yarn,longrope_searched", help="which variants to evaluate")
     args = parser.parse_args()
@@ -72,7 +74,7 @@ def main():
         from longctx_hf.search import run_search
 
         result = run_search("smollm2", factor=args.factor, output_dir=Path(args.output) / f"search-x{args.factor:g}",
-                            budget=args.budget)
+                            budget=args.budget, scored_tokens=args.scored_tokens)
         print(json.dumps({k: result.results[k] for k in ("best", "yarn_ppl", "evaluations", "seconds")}, indent=1))
     else:
         evaluate(args.factor, args.output, [name for name in args.passkey.split(",") if name],

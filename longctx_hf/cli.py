@@ -246,7 +246,8 @@ def _search(args) -> int:
     try:
         result = run_search(args.model, factor=args.factor, output_dir=args.output, text_file=args.text,
                             budget=args.budget, minutes=args.minutes, seed=args.seed, population=args.population,
-                            documents=args.documents, checkpoint=args.checkpoint)
+                            documents=args.documents, scored_tokens=args.scored_tokens,
+                            checkpoint=args.checkpoint)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -274,6 +275,9 @@ def _add_search_parser(sub):
     search.add_argument("--population", type=int, default=8, help="candidates per generation (default: 8)")
     search.add_argument("--documents", type=int, default=1,
                         help="calibration windows of the target length per evaluation (default: 1)")
+    search.add_argument("--scored-tokens", type=int, default=None,
+                        help="fitness: perplexity of only the last N tokens of each window (default: all of it), "
+                             "e.g. the tokens past the pretrained length")
     search.add_argument("--checkpoint", action="store_true",
                         help="also write OUTPUT/checkpoint: the model extended with the best factors")
     search.set_defaults(run=_search)

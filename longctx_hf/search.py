@@ -4,7 +4,9 @@ Genome: one factor λ_i >= 1 per rotary frequency, non-decreasing from high to l
 temperature as one more gene. Seeds: YaRN (its ramp as factors, its 0.1 ln s + 1 temperature: the search starts
 from YaRN exactly), PI, NTK, and LongRoPE's default temperature. Each generation keeps the best candidates so far
 as parents and makes children by crossover and mutation (log-normal steps, then the monotonicity repaired).
-Fitness: perplexity of calibration tokens at the target length, one forward each, no full-vocabulary logits.
+Fitness: perplexity of calibration tokens at the target length, one forward each, no full-vocabulary logits;
+either every token of the window or only its last `scored_tokens` (e.g. those past the pretrained length, which
+see more context than the model was trained with: the part an extension exists for).
 
 Reproducible and resumable: candidate k is a function of the seed and the fitnesses before it only, every
 evaluation is appended to results.json at once, and a restarted search replays the recorded fitnesses instead of
@@ -127,11 +129,11 @@ def _extend_quietly(model, factor, original_max_position_embeddings, **options):
 
 
 def run_search(model, *, factor, output_dir, text_file=None, budget=None, minutes=None, seed=0, population=8,
-               documents=1, checkpoint=False, dtype="float32", progress=True) -> SearchResult:
+               documents=1, scored_tokens=None, checkpoint=False, dtype="float32", progress=True) -> SearchResult:
     """`longctx-hf search`: load `model` (a folder, a Hub id or "smollm2"), search on the calibration text, write
     the results and, with `checkpoint=True`, `output_dir`/checkpoint extended with the best factors."""
     check_search_options(factor=factor, budget=budget, minutes=minutes, population=population, parents=1,
-                         documents=documents)
+                         documents=documents, scored_tokens=scored_tokens)
     if text_file is not None and not Path(text_file).is_file():
         raise ValueError(f"--text must be a text file; not found: {text_file}")
     import torch
@@ -149,15 +151,17 @@ def run_search(model, *, factor, output_dir, text_file=None, budget=None, minute
     ids = AutoTokenizer.from_pretrained(path)(text, return_tensors="pt").input_ids[0]
     loaded = from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     result = search_rope_factors(loaded, ids, factor=factor, output_dir=output_dir, budget=budget, minutes=minutes,
-                                 seed=seed, population=population, documents=documents, progress=progress,
-                                 calibration_text=text_name, evaluation_text=default_text_name())
+                                 seed=seed, population=population, documents=documents,
+                                 scored_tokens=scored_tokens, progress=progress, calibration_text=text_name,
+                                 evaluation_text=default_text_name())
     if checkpoint:
         from .checkpoint import extend_checkpoint
 
         best, setup = result.best, result.results["setup"]
         note = (f"## How the factors were found\n\n`longctx-hf search` (LongRoPE's evolutionary search, seeded with "
-                f"YaRN, PI and NTK) evaluated {result.evaluations} candidates by perplexity at {setup['target_length']} "
-                f"tokens on {setup['calibration_text']} (seed {setup['seed']}). Best: perplexity {best['ppl']:.4f}, "
+                f"YaRN, PI and NTK) evaluated {result.evaluations} candidates by the perplexity of the last "
+                f"{setup['scored_tokens']} of {setup['target_length']} tokens on {setup['calibration_text']} "
+                f"(seed {setup['seed']}). Best: perplexity {best['ppl']:.4f}, "
                 f"YaRN {result.results['yarn_ppl']:.4f} on the same tokens. Held-out evaluation should use another "
                 f"text (by default `longctx-hf eval` uses {setup['evaluation_text']}).")
         extend_checkpoint(path, Path(output_dir) / "checkpoint", "longrope", factor, long_factor=best["long_factor"],
@@ -165,14 +169,14 @@ def run_search(model, *, factor, output_dir, text_file=None, budget=None, minute
     return result
 
 
-def check_search_options(*, factor, budget, minutes, population, parents, documents) -> None:
+def check_search_options(*, factor, budget, minutes, population, parents, documents, scored_tokens=None) -> None:
     """A ValueError naming the first bad search option, before any model is loaded."""
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
         raise ValueError(f"factor must be a number > 1, got {factor!r}")
     if budget is None and minutes is None:
         raise ValueError("give budget=<evaluations> (--budget) or minutes=<wall-clock limit> (--minutes), or both")
     for name, value, lowest in (("budget", budget, 1), ("population", population, 2), ("parents", parents, 1),
-                                ("documents", documents, 1)):
+                                ("documents", documents, 1), ("scored_tokens", scored_tokens, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lowest):
             raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
     if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0):
@@ -180,10 +184,12 @@ def check_search_options(*, factor, budget, minutes, population, parents, docume
 
 
 def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=None, minutes=None, seed=0,
-                        population=8, parents=4, sigma=0.15, documents=1, original_max_position_embeddings=None,
-                        calibration_text="", evaluation_text="", progress=True) -> SearchResult:
+                        population=8, parents=4, sigma=0.15, documents=1, scored_tokens=None,
+                        original_max_position_embeddings=None, calibration_text="", evaluation_text="",
+                        progress=True) -> SearchResult:
     """Search LongRoPE factors for `model` at `factor` x its pretrained length, on `calibration_ids` (a 1-D token
-    tensor); fitness is the perplexity of its last `documents` windows of the target length, each scored whole.
+    tensor); fitness is the perplexity of its last `documents` windows of the target length, each scored whole or,
+    with `scored_tokens`, only the last that many tokens of each window (each with the whole window as context).
 
     Stops after `budget` evaluations or `minutes` (whichever comes first; one of them is required). Writes
     `output_dir`/results.json after every evaluation, and factors.json (for `extend --factors`) plus a plot at the
@@ -193,21 +199,29 @@ def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=No
     from .patch import context_info
 
     check_search_options(factor=factor, budget=budget, minutes=minutes, population=population, parents=parents,
-                         documents=documents)
+                         documents=documents, scored_tokens=scored_tokens)
     if calibration_text and calibration_text == evaluation_text:
         raise ValueError("the calibration text must differ from the evaluation text: factors searched on the text "
                          "they are evaluated on would overstate their quality")
-    _extend_quietly(model, factor, original_max_position_embeddings)
-    info = context_info(model)
-    length = info.extended_length
+    pretrained = original_max_position_embeddings or context_info(model).pretrained_length
+    length = int(pretrained * factor)  # as extend_context computes the extended length
     if calibration_ids.ndim != 1 or len(calibration_ids) < documents * length:
         raise ValueError(f"calibration text has {len(calibration_ids)} tokens; the search scores {documents} x "
-                         f"{length} (the target length {info.pretrained_length} x {factor:g}): give a longer text")
+                         f"{length} (the target length {pretrained} x {factor:g}): give a longer text")
+    scored_count = length - 1 if scored_tokens is None else scored_tokens
+    if scored_count >= length:
+        raise ValueError(f"scored_tokens must be below the target length {length} (each scored token needs one "
+                         f"before it), got {scored_tokens}")
+    _extend_quietly(model, factor, original_max_position_embeddings)
+    info = context_info(model)
+    if info.extended_length != length:
+        raise RuntimeError(f"the extended length is {info.extended_length}, expected {length}")
     windows = calibration_ids[len(calibration_ids) - documents * length:].reshape(documents, length)
     spec = _spec_of(model, factor, info)
     setup = {"factor": float(factor), "pretrained_length": info.pretrained_length, "target_length": length,
              "rope_theta": spec.rope_theta, "rotary_dim": spec.rotary_dim, "seed": seed, "population": population,
-             "parents": parents, "sigma": sigma, "documents": documents, "calibration_text": calibration_text,
+             "parents": parents, "sigma": sigma, "documents": documents, "scored_tokens": scored_count,
+             "calibration_text": calibration_text,
              "evaluation_text": evaluation_text}
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -229,8 +243,8 @@ def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=No
             return recorded[index]["ppl"]
         _extend_quietly(model, factor, original_max_position_embeddings, long_factor=list(candidate.factors),
                         attention_factor=candidate.attention_factor)
-        nll = sum(nll_of_last(model, window, length - 1) for window in windows)
-        ppl = math.exp(nll / (documents * (length - 1)))
+        nll = sum(nll_of_last(model, window, scored_count) for window in windows)
+        ppl = math.exp(nll / (documents * scored_count))
         recorded.append({"index": index, "origin": candidate.origin, "ppl": ppl, "key": list(candidate.key()),
                          "long_factor": list(candidate.factors), "attention_factor": candidate.attention_factor})
         evaluated_now += 1

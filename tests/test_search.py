@@ -112,10 +112,27 @@ def test_the_outputs_reload(trained, tmp_path):
     assert record["setup"]["calibration_text"] != record["setup"]["evaluation_text"]
 
 
+def test_scored_tokens_make_the_fitness_the_perplexity_of_each_window_tail(trained, tmp_path):
+    tail = 3 * L  # the tokens past the pretrained length L
+    result = search(trained, tmp_path, budget=1, scored_tokens=tail)  # budget 1: only the YaRN seed
+    assert result.results["setup"]["scored_tokens"] == tail
+    extend_context(trained, "yarn", 4)
+    windows = stdlib_bytes(lambda k: k == 0)[: 16 * 4 * L].reshape(16, 4 * L)
+    with torch.no_grad():
+        logits = trained(windows).logits[:, -tail - 1:-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, -tail:].reshape(-1))
+    assert result.best["ppl"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    whole = search(trained, tmp_path / "whole", budget=1)
+    assert abs(whole.best["ppl"] - result.best["ppl"]) > 1e-3 * result.best["ppl"]
+    with pytest.raises(ValueError, match="scored_tokens must be below the target length 256"):
+        search(trained, tmp_path / "too-many", budget=1, scored_tokens=4 * L)
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(budget=None, minutes=None), "budget"), (dict(budget=0), "budget must be an int >= 1"),
     (dict(minutes=-1.0), "minutes must be a positive number"), (dict(population=1), "population"),
-    (dict(documents=0), "documents"), (dict(factor=1.0), "factor must be a number > 1")])
+    (dict(documents=0), "documents"), (dict(factor=1.0), "factor must be a number > 1"),
+    (dict(scored_tokens=0), "scored_tokens must be an int >= 1")])
 def test_bad_search_options_are_refused(options, match):
     arguments = dict(factor=2.0, budget=4, minutes=None, population=8, parents=4, documents=1) | options
     with pytest.raises(ValueError, match=match):
