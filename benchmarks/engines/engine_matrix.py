@@ -56,6 +56,8 @@ def runs_for(case, method, options):
         runs += [("transformers-8k", "transformers", [], SHORT_TOKENS),
                  ("vllm-max-model-len-8192", "vllm", ["--max-model-len", str(PRETRAINED)], SHORT_TOKENS)]
     runs.append(("llama.cpp", "llama.cpp", [], TOKENS))
+    if method == "longrope":  # the converted GGUF completed by `longctx-hf gguf`, as the warning recommends
+        runs.append(("llama.cpp-completed-gguf", "llama.cpp", ["--complete-with", sys.executable], TOKENS))
     if method == "yarn" and options:  # llama.cpp's run-time options set as docs/engines.md recommends
         runs.append(("llama.cpp-runtime-options", "llama.cpp", llama_cpp_yarn_options(options, case), TOKENS))
     return runs
@@ -171,7 +173,7 @@ def summarize(workdir: Path) -> dict:
                 rows[name] = compare(json.loads(reference.read_text()) if reference.is_file() else None, run,
                                      unextended if count == TOKENS else None)
             rows[name]["tokens"] = count
-            for key in ("converter_warnings", "metadata", "runtime_options", "version"):
+            for key in ("converter_warnings", "metadata", "runtime_options", "version", "completed_with"):
                 if run.get(key):
                     rows[name][key] = run[key]
         matrix["cases"][case] = {"method": method, "factor": factor, "options": options, "runs": rows}

@@ -3,9 +3,11 @@
 Runs in its own venv (see docs/engines.md): converts CHECKPOINT with `convert_hf_to_gguf.py --outtype f32`, loads
 the GGUF, records the context length the converter wrote and the rope metadata, and evaluates the prompt.
 `--yarn-beta-fast` etc. and `--kv-override KEY=VALUE` are llama.cpp's own load-time settings, for checking the
-ones a warning recommends.
+ones a warning recommends. `--complete-with PYTHON` runs `longctx-hf gguf` (with that interpreter, which has
+longctx_hf) on the converted file before loading it: the fix the longrope warning recommends.
 
     python run_llama_cpp.py CHECKPOINT TOKENS.json OUT.json --converter PATH/convert_hf_to_gguf.py [--yarn-...]
+        [--complete-with PYTHON]
 """
 import argparse
 import json
@@ -39,6 +41,8 @@ def main():
     parser.add_argument("--converter", required=True)
     for name in RUNTIME_OPTIONS:
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=None)
+    parser.add_argument("--complete-with", default=None, metavar="PYTHON",
+                        help="complete the converted GGUF with `PYTHON -m longctx_hf.cli gguf` before loading it")
     parser.add_argument("--kv-override", action="append", default=[], metavar="KEY=FLOAT",
                         help="a GGUF metadata value replaced at load (llama_cpp.Llama's kv_overrides)")
     args = parser.parse_args()
@@ -55,6 +59,14 @@ def main():
                                     "--outtype", "f32"], capture_output=True, text=True)
         result["converter_warnings"] = [line.split(":", 2)[-1].strip() for line in converted.stderr.splitlines()
                                         if line.startswith("WARNING")]
+        if converted.returncode == 0 and args.complete_with:
+            completed = Path(tmp) / "completed.gguf"
+            done = subprocess.run([args.complete_with, "-m", "longctx_hf.cli", "gguf", args.checkpoint, str(gguf),
+                                   "--output", str(completed)], capture_output=True, text=True)
+            if done.returncode != 0:
+                converted = done  # reported below as the failure
+            result["completed_with"] = done.stdout.strip()
+            gguf = completed
         if converted.returncode != 0:
             result.update(loaded=False, error="converter: " + converted.stderr.strip().splitlines()[-1][:600])
         else:
