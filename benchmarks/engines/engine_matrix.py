@@ -6,10 +6,12 @@ engine runs in its own venv and its own process (run_transformers.py, run_vllm.p
 reference is plain transformers in fp32, in a process that never imports longctx_hf. Cases run one at a time.
 
     python benchmarks/engines/engine_matrix.py WORKDIR --vllm-python V/bin/python --llama-python W/bin/python \
-        --converter SDIST/vendor/llama.cpp/convert_hf_to_gguf.py [--only CASE,...]
+        --converter SDIST/vendor/llama.cpp/convert_hf_to_gguf.py [--only CASE,...] [--engines llama.cpp,...]
 
 Writes WORKDIR/<case>/<engine>.json as it goes (a rerun skips what exists), then
-benchmarks/results/engine_matrix.json and .md. Setup of the two engine venvs: docs/engines.md.
+benchmarks/results/engine_matrix.json and .md. Runs measured in WORKDIR replace the committed ones; the committed
+runs not measured there are kept, so one case or one engine can be re-measured alone (`--only`, `--engines`; the
+transformers reference always runs). Setup of the two engine venvs: docs/engines.md.
 """
 import argparse
 import json
@@ -180,6 +182,29 @@ def summarize(workdir: Path) -> dict:
     return matrix
 
 
+def merged(committed: dict | None, measured: dict) -> dict:
+    """The committed matrix with every run measured now put in its place."""
+    if committed is None:
+        return measured
+    matrix = {**committed, **{k: v for k, v in measured.items() if k != "cases"}, "cases": {}}
+    for case in CASES:
+        old, new = committed["cases"].get(case), measured["cases"].get(case)
+        if old is None and new is None:
+            continue
+        entry = dict(new or old)
+        runs = dict((old or {}).get("runs", {}))
+        runs.update((new or {}).get("runs", {}))
+        entry["runs"] = {name: runs[name] for name in _run_order(case, runs)}
+        matrix["cases"][case] = entry
+    return matrix
+
+
+def _run_order(case, runs):
+    method, _, options = CASES[case]
+    listed = [name for name, *_ in runs_for(case, method, options)]
+    return [name for name in listed if name in runs] + [name for name in runs if name not in listed]
+
+
 def markdown(matrix: dict) -> str:
     lines = [f"Model: {matrix['model']}. Text: {matrix['text']}, {matrix['tokens']} tokens. `same` = mean |Δ "
              f"log-prob| per token ≤ {matrix['same_if_mean_abs_delta_at_most']} against plain transformers.", "",
@@ -204,10 +229,12 @@ def markdown(matrix: dict) -> str:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
-    parser.add_argument("--vllm-python", required=True)
-    parser.add_argument("--llama-python", required=True)
-    parser.add_argument("--converter", required=True)
+    parser.add_argument("--vllm-python", default=None, help="needed unless --engines leaves vLLM out")
+    parser.add_argument("--llama-python", default=None, help="needed unless --engines leaves llama.cpp out")
+    parser.add_argument("--converter", default=None, help="llama.cpp's convert_hf_to_gguf.py (with --llama-python)")
     parser.add_argument("--only", default=None, help="comma-separated case names")
+    parser.add_argument("--engines", default=None, help="comma-separated engines to run: vllm, llama.cpp (default: "
+                                                        "both; the transformers reference always runs)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -218,12 +245,18 @@ def main():
         (workdir / case).mkdir(exist_ok=True)
         for name, runner, extra, count in runs_for(case, method, options):
             out = workdir / case / f"{name}.json"
-            if out.is_file():
+            if out.is_file() or (args.engines and runner != "transformers" and runner not in args.engines.split(",")):
                 continue
+            if runner == "vllm" and not args.vllm_python or runner == "llama.cpp" and not (args.llama_python
+                                                                                           and args.converter):
+                parser.error(f"{case} {name} needs --vllm-python, or --llama-python and --converter (or leave the "
+                             "engine out with --engines)")
             started = time.perf_counter()
             run_engine(args, runner, checkpoint, tokens[count], out, extra)
             print(f"{case} {name}: {time.perf_counter() - started:.0f} s", flush=True)
-    matrix = summarize(workdir)
+    committed_file = RESULTS / "engine_matrix.json"
+    committed = json.loads(committed_file.read_text()) if committed_file.is_file() else None
+    matrix = merged(committed, summarize(workdir))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engine_matrix.json").write_text(json.dumps(matrix, indent=1) + "\n")
     (RESULTS / "engine_matrix.md").write_text(markdown(matrix))
