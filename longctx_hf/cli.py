@@ -246,7 +246,7 @@ def _search(args) -> int:
     try:
         result = run_search(args.model, factor=args.factor, output_dir=args.output, text_file=args.text,
                             budget=args.budget, minutes=args.minutes, seed=args.seed, population=args.population,
-                            documents=args.documents, scored_tokens=args.scored_tokens,
+                            documents=args.documents, scored_tokens=args.scored_tokens, fitness=args.fitness,
                             checkpoint=args.checkpoint)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
@@ -302,6 +302,9 @@ def _add_search_parser(sub):
     search.add_argument("--population", type=int, default=8, help="candidates per generation (default: 8)")
     search.add_argument("--documents", type=int, default=1,
                         help="calibration windows of the target length per evaluation (default: 1)")
+    search.add_argument("--fitness", choices=["perplexity", "needle"], default="perplexity",
+                        help="perplexity of calibration windows (default), or needle: LongRoPE2's needle-driven "
+                             "perplexity (answers to numbers hidden across each window)")
     search.add_argument("--scored-tokens", type=int, default=None,
                         help="fitness: perplexity of only the last N tokens of each window (default: all of it), "
                              "e.g. the tokens past the pretrained length")

@@ -29,6 +29,7 @@ RESULTS_FILE = "results.json"
 FACTORS_FILE = "factors.json"
 PLOT_FILE = "search.png"
 TEMPERATURE_RANGE = (0.8, 1.6)  # the attention factor gene stays within it
+FITNESSES = ("perplexity", "needle")  # needle: LongRoPE2's needle-driven perplexity (needle_fitness.py)
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,12 @@ def _extend_quietly(model, factor, original_max_position_embeddings, **options):
 
 
 def run_search(model, *, factor, output_dir, text_file=None, budget=None, minutes=None, seed=0, population=8,
-               documents=1, scored_tokens=None, checkpoint=False, dtype="float32", progress=True) -> SearchResult:
+               documents=1, scored_tokens=None, fitness="perplexity", checkpoint=False, dtype="float32",
+               progress=True) -> SearchResult:
     """`longctx-hf search`: load `model` (a folder, a Hub id or "smollm2"), search on the calibration text, write
     the results and, with `checkpoint=True`, `output_dir`/checkpoint extended with the best factors."""
     check_search_options(factor=factor, budget=budget, minutes=minutes, population=population, parents=1,
-                         documents=documents, scored_tokens=scored_tokens)
+                         documents=documents, scored_tokens=scored_tokens, fitness=fitness)
     if text_file is not None and not Path(text_file).is_file():
         raise ValueError(f"--text must be a text file; not found: {text_file}")
     import torch
@@ -148,20 +150,24 @@ def run_search(model, *, factor, output_dir, text_file=None, budget=None, minute
         text, text_name = Path(text_file).read_text(encoding="utf-8", errors="replace"), str(text_file)
     else:
         text, text_name = calibration_text(), CALIBRATION_TEXT_NAME
-    ids = AutoTokenizer.from_pretrained(path)(text, return_tensors="pt").input_ids[0]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
     loaded = from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     result = search_rope_factors(loaded, ids, factor=factor, output_dir=output_dir, budget=budget, minutes=minutes,
                                  seed=seed, population=population, documents=documents,
-                                 scored_tokens=scored_tokens, progress=progress, calibration_text=text_name,
-                                 evaluation_text=default_text_name())
+                                 scored_tokens=scored_tokens, fitness=fitness,
+                                 encode=lambda t: tokenizer(t, add_special_tokens=False).input_ids,
+                                 progress=progress, calibration_text=text_name, evaluation_text=default_text_name())
     if checkpoint:
         from .checkpoint import extend_checkpoint
 
         best, setup = result.best, result.results["setup"]
+        measure = (f"the perplexity of the last {setup['scored_tokens']} of {setup['target_length']} tokens"
+                   if setup["fitness"] == "perplexity" else f"LongRoPE2's needle-driven perplexity (the answers to "
+                   f"needles hidden in windows of {setup['target_length']} tokens)")
         note = (f"## How the factors were found\n\n`longctx-hf search` (LongRoPE's evolutionary search, seeded with "
-                f"YaRN, PI and NTK) evaluated {result.evaluations} candidates by the perplexity of the last "
-                f"{setup['scored_tokens']} of {setup['target_length']} tokens on {setup['calibration_text']} "
-                f"(seed {setup['seed']}). Best: perplexity {best['ppl']:.4f}, "
+                f"YaRN, PI and NTK) evaluated {result.evaluations} candidates by {measure} on "
+                f"{setup['calibration_text']} (seed {setup['seed']}). Best: perplexity {best['ppl']:.4f}, "
                 f"YaRN {result.results['yarn_ppl']:.4f} on the same tokens. Held-out evaluation should use another "
                 f"text (by default `longctx-hf eval` uses {setup['evaluation_text']}).")
         extend_checkpoint(path, Path(output_dir) / "checkpoint", "longrope", factor, long_factor=best["long_factor"],
@@ -169,8 +175,13 @@ def run_search(model, *, factor, output_dir, text_file=None, budget=None, minute
     return result
 
 
-def check_search_options(*, factor, budget, minutes, population, parents, documents, scored_tokens=None) -> None:
+def check_search_options(*, factor, budget, minutes, population, parents, documents, scored_tokens=None,
+                         fitness="perplexity") -> None:
     """A ValueError naming the first bad search option, before any model is loaded."""
+    if fitness not in FITNESSES:
+        raise ValueError(f"fitness must be one of {FITNESSES}, got {fitness!r}")
+    if fitness == "needle" and scored_tokens is not None:
+        raise ValueError("scored_tokens applies to fitness 'perplexity'; the needle fitness scores the answers")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
         raise ValueError(f"factor must be a number > 1, got {factor!r}")
     if budget is None and minutes is None:
@@ -185,21 +196,27 @@ def check_search_options(*, factor, budget, minutes, population, parents, docume
 
 def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=None, minutes=None, seed=0,
                         population=8, parents=4, sigma=0.15, documents=1, scored_tokens=None,
-                        original_max_position_embeddings=None, calibration_text="", evaluation_text="",
-                        progress=True) -> SearchResult:
+                        fitness="perplexity", encode=None, original_max_position_embeddings=None,
+                        calibration_text="", evaluation_text="", progress=True) -> SearchResult:
     """Search LongRoPE factors for `model` at `factor` x its pretrained length, on `calibration_ids` (a 1-D token
     tensor); fitness is the perplexity of its last `documents` windows of the target length, each scored whole or,
     with `scored_tokens`, only the last that many tokens of each window (each with the whole window as context).
+    `fitness="needle"`: LongRoPE2's needle-driven perplexity instead (needle_fitness.py; `encode(text) -> ids` is
+    the model's tokenizer without special tokens).
 
     Stops after `budget` evaluations or `minutes` (whichever comes first; one of them is required). Writes
     `output_dir`/results.json after every evaluation, and factors.json (for `extend --factors`) plus a plot at the
     end. Leaves `model` extended with the best factors. Resumes from an existing results.json with the same setup.
     """
-    from .evaluate.perplexity import nll_of_last
+    import torch
+
+    from .evaluate.perplexity import nll_at, nll_of_last
     from .patch import context_info
 
     check_search_options(factor=factor, budget=budget, minutes=minutes, population=population, parents=parents,
-                         documents=documents, scored_tokens=scored_tokens)
+                         documents=documents, scored_tokens=scored_tokens, fitness=fitness)
+    if fitness == "needle" and encode is None:
+        raise ValueError("fitness 'needle' needs encode= (text -> token ids, the model's tokenizer)")
     if calibration_text and calibration_text == evaluation_text:
         raise ValueError("the calibration text must differ from the evaluation text: factors searched on the text "
                          "they are evaluated on would overstate their quality")
@@ -212,6 +229,11 @@ def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=No
     if scored_count >= length:
         raise ValueError(f"scored_tokens must be below the target length {length} (each scored token needs one "
                          f"before it), got {scored_tokens}")
+    samples = None
+    if fitness == "needle":
+        from .needle_fitness import needle_samples
+
+        samples = needle_samples(encode, calibration_ids, length, documents, seed)
     _extend_quietly(model, factor, original_max_position_embeddings)
     info = context_info(model)
     if info.extended_length != length:
@@ -220,9 +242,11 @@ def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=No
     spec = _spec_of(model, factor, info)
     setup = {"factor": float(factor), "pretrained_length": info.pretrained_length, "target_length": length,
              "rope_theta": spec.rope_theta, "rotary_dim": spec.rotary_dim, "seed": seed, "population": population,
-             "parents": parents, "sigma": sigma, "documents": documents, "scored_tokens": scored_count,
-             "calibration_text": calibration_text,
-             "evaluation_text": evaluation_text}
+             "parents": parents, "sigma": sigma, "documents": documents, "fitness": fitness,
+             "scored_tokens": scored_count if fitness == "perplexity" else None,
+             "calibration_text": calibration_text, "evaluation_text": evaluation_text}
+    if samples is not None:  # (key, value, depth) of every needle, per window
+        setup["needles"] = [[list(needle) for needle in sample.needles] for sample in samples]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = _load_or_start(output_dir / RESULTS_FILE, setup)
@@ -243,8 +267,12 @@ def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=No
             return recorded[index]["ppl"]
         _extend_quietly(model, factor, original_max_position_embeddings, long_factor=list(candidate.factors),
                         attention_factor=candidate.attention_factor)
-        nll = sum(nll_of_last(model, window, scored_count) for window in windows)
-        ppl = math.exp(nll / (documents * scored_count))
+        if samples is None:
+            nll = sum(nll_of_last(model, window, scored_count) for window in windows)
+            ppl = math.exp(nll / (documents * scored_count))
+        else:
+            nll = sum(nll_at(model, torch.tensor(s.input_ids), s.scored) for s in samples)
+            ppl = math.exp(nll / sum(len(s.scored) for s in samples))
         recorded.append({"index": index, "origin": candidate.origin, "ppl": ppl, "key": list(candidate.key()),
                          "long_factor": list(candidate.factors), "attention_factor": candidate.attention_factor})
         evaluated_now += 1

@@ -13,6 +13,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 from longctx_hf import extend_context, search_rope_factors
 from longctx_hf.evaluate.perplexity import nll_of_last
+from longctx_hf.needle_fitness import needle_samples
 from longctx_hf.search import check_search_options, seed_candidates
 
 L = 64  # the small model's training length
@@ -128,11 +129,57 @@ def test_scored_tokens_make_the_fitness_the_perplexity_of_each_window_tail(train
         search(trained, tmp_path / "too-many", budget=1, scored_tokens=4 * L)
 
 
+def byte_encode(text):
+    return list(text.encode())
+
+
+def test_needle_samples_hide_every_answer_far_before_its_question():
+    calibration = stdlib_bytes(lambda k: k == 0)[: 3 * 1024]
+    samples = needle_samples(byte_encode, calibration, 1024, 3, seed=0)
+    assert samples == needle_samples(byte_encode, calibration, 1024, 3, seed=0)
+    assert samples != needle_samples(byte_encode, calibration, 1024, 3, seed=1)
+    for sample in samples:
+        text = bytes(sample.input_ids).decode()
+        assert len(sample.input_ids) == 1024
+        questions = text.index("mentioned above is:")
+        asked = [text[p] for p in sample.scored]  # one byte per digit: the answers, in the order asked
+        answers = "".join(asked)
+        for key, value, depth in sample.needles:
+            hidden = text.index(f"The special magic number for {key} is: {value}.")
+            assert hidden < questions and abs(hidden / 1024 - depth) < 0.35
+            assert f"for {key} mentioned above is: {value}." in text[questions - 60:]
+            assert value in answers
+        assert len(answers) == 7 * len(sample.needles) and answers.isdigit()
+    with pytest.raises(ValueError, match="too short for 4 needles"):
+        needle_samples(byte_encode, calibration, 256, 1, seed=0)
+
+
+def test_needle_fitness_is_the_perplexity_of_the_hidden_answers(trained, tmp_path):
+    calibration = stdlib_bytes(lambda k: k == 0)[: 2 * 16 * L]
+    result = search_rope_factors(trained, calibration, factor=16, output_dir=tmp_path, budget=1, documents=2,
+                                 fitness="needle", encode=byte_encode, progress=False)
+    setup = result.results["setup"]
+    assert setup["fitness"] == "needle" and len(setup["needles"]) == 2 and setup["scored_tokens"] is None
+    extend_context(trained, "yarn", 16)  # the first candidate is YaRN exactly
+    nll, count = 0.0, 0
+    for sample in needle_samples(byte_encode, calibration, 16 * L, 2, seed=0):
+        ids = torch.tensor(sample.input_ids)
+        with torch.no_grad():
+            logprobs = trained(ids[None]).logits[0].log_softmax(-1)
+        scored = torch.tensor(sample.scored)
+        nll -= logprobs[scored - 1, ids[scored]].sum().item()
+        count += len(scored)
+    assert result.best["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    with pytest.raises(ValueError, match="needs encode="):
+        search_rope_factors(trained, calibration, factor=16, output_dir=tmp_path / "x", budget=1, fitness="needle")
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(budget=None, minutes=None), "budget"), (dict(budget=0), "budget must be an int >= 1"),
     (dict(minutes=-1.0), "minutes must be a positive number"), (dict(population=1), "population"),
     (dict(documents=0), "documents"), (dict(factor=1.0), "factor must be a number > 1"),
-    (dict(scored_tokens=0), "scored_tokens must be an int >= 1")])
+    (dict(scored_tokens=0), "scored_tokens must be an int >= 1"), (dict(fitness="bleu"), "fitness must be one of"),
+    (dict(fitness="needle", scored_tokens=10), "scored_tokens applies to fitness 'perplexity'")])
 def test_bad_search_options_are_refused(options, match):
     arguments = dict(factor=2.0, budget=4, minutes=None, population=8, parents=4, documents=1) | options
     with pytest.raises(ValueError, match=match):

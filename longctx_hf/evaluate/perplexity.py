@@ -48,21 +48,29 @@ def _project(model, hidden):
 def nll_of_last(model, ids, num_scored: int) -> float:
     """Summed negative log-likelihood (nats) of the last `num_scored` tokens of the 1-D tensor `ids`, each predicted
     with the full preceding context of `ids`."""
+    if not 1 <= num_scored < len(ids):
+        raise ValueError(f"num_scored must be in [1, {len(ids) - 1}] for {len(ids)} tokens, got {num_scored}")
+    return nll_at(model, ids, range(len(ids) - num_scored, len(ids)))
+
+
+def nll_at(model, ids, positions) -> float:
+    """Summed negative log-likelihood (nats) of the tokens of the 1-D tensor `ids` at `positions` (increasing, each
+    >= 1), each predicted with the full preceding context of `ids`: one forward, and only those rows projected."""
     import torch
     import torch.nn.functional as F
 
-    if not 1 <= num_scored < len(ids):
-        raise ValueError(f"num_scored must be in [1, {len(ids) - 1}] for {len(ids)} tokens, got {num_scored}")
+    positions = torch.as_tensor(list(positions), dtype=torch.long)
+    if len(positions) == 0 or int(positions[0]) < 1 or int(positions[-1]) >= len(ids) or bool(
+            (positions[1:] <= positions[:-1]).any()):
+        raise ValueError(f"positions must be increasing, in [1, {len(ids) - 1}], got {positions.tolist()[:8]}...")
     device = model.get_input_embeddings().weight.device
     with torch.no_grad():
         hidden = model.base_model(ids[None].to(device), use_cache=False).last_hidden_state[0]
         total = 0.0
-        # position p predicts token p + 1
-        for start in range(len(ids) - 1 - num_scored, len(ids) - 1, SLICE):
-            stop = min(start + SLICE, len(ids) - 1)
-            logits = _project(model, hidden[start:stop])
-            targets = ids[start + 1:stop + 1].to(logits.device)
-            total += F.cross_entropy(logits, targets, reduction="sum").item()
+        for start in range(0, len(positions), SLICE):  # position p is predicted by the hidden state at p - 1
+            chunk = positions[start:start + SLICE]
+            logits = _project(model, hidden[(chunk - 1).to(hidden.device)])
+            total += F.cross_entropy(logits, ids[chunk].to(logits.device), reduction="sum").item()
     return total
 
 
