@@ -15,7 +15,7 @@ def _user_errors():
     """
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    return ValueError, TypeError, OSError, HfHubHTTPError, LocalEntryNotFoundError
+    return ValueError, TypeError, OSError, ImportError, HfHubHTTPError, LocalEntryNotFoundError
 
 
 def _info(args) -> int:

@@ -12,36 +12,48 @@ checkpoint longctx_hf writes has one factor set), the attention factor, and the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 
 LONG_TENSOR, SHORT_TENSOR = "rope_factors_long.weight", "rope_factors_short.weight"
+# GGUF architectures whose llama.cpp graph reads the two tensors when the rope type is longrope (llama.cpp as
+# vendored by llama-cpp-python 0.3.36, src/models/*.cpp); measured against transformers: llama
+ARCHITECTURES = ("llama", "mistral3", "granite", "minicpm", "deci", "apertus", "refact", "phi3")
 FACTOR_TENSORS = (LONG_TENSOR, SHORT_TENSOR, "rope_freqs.weight")  # any of these: the file already has factors
 
 
 def longrope_settings(checkpoint) -> dict:
-    """{factors, attention_factor, pretrained_length, extended_length} of a longrope checkpoint's config.json; a
-    ValueError for any other method (the others need nothing added: docs/engines.md)."""
-    from .hf_config import describe
-
+    """{factors, attention_factor, pretrained_length, extended_length} of a longrope checkpoint's config.json, by
+    transformers' rules (modeling_rope_utils' longrope init: `factor` defaults to max_position_embeddings /
+    original_max_position_embeddings, the attention factor to sqrt(1 + ln s / ln L)); a ValueError for any other
+    rope type (the others need nothing added: docs/engines.md). Reads the file only: no model, no torch."""
     config_file = Path(checkpoint) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"checkpoint must be a folder with config.json; not found: {config_file}")
     config = json.loads(config_file.read_text())
-    info = describe(config)
-    if info.method != "longrope":
-        raise ValueError(f"{checkpoint} is a {info.method!r} checkpoint; only 'longrope' checkpoints need their GGUF "
-                         "completed (llama.cpp's converter keeps the other methods' settings or cannot express them; "
-                         "see docs/engines.md)")
-    rope = config.get("rope_parameters") or config.get("rope_scaling")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type"))
+    if rope_type != "longrope":
+        raise ValueError(f"{checkpoint} has rope type {rope_type!r}; only 'longrope' checkpoints need their GGUF "
+                         "completed (llama.cpp's converter keeps the other methods' settings or cannot express "
+                         "them; see docs/engines.md)")
     long_factor, short_factor = rope.get("long_factor"), rope.get("short_factor")
-    if list(long_factor) != list(short_factor):
-        raise ValueError("this checkpoint has different short and long factors; llama.cpp picks one set from the "
-                         "context size it is given, transformers from each sequence's length, so no GGUF can mean "
-                         "the same as this config. Write one set (extend_context's default)")
-    return {"factors": [float(f) for f in long_factor], "attention_factor": float(info.attention_scaling),
-            "pretrained_length": int(info.pretrained_length), "extended_length": int(info.extended_length)}
+    if long_factor is None or short_factor is None or list(long_factor) != list(short_factor):
+        raise ValueError("this checkpoint's short and long factors differ (or one is missing); llama.cpp picks one "
+                         "set from the context size it is given, transformers from each sequence's length, so no "
+                         "GGUF can mean the same as this config. Write one set (extend_context's default)")
+    original = rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+    if not original:
+        raise ValueError(f"{checkpoint}: its longrope config names no original_max_position_embeddings")
+    extended = int(config["max_position_embeddings"])
+    factor = rope.get("factor") or extended / original
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"factors": [float(f) for f in long_factor], "attention_factor": float(attention_factor),
+            "pretrained_length": int(original), "extended_length": extended}
 
 
 def complete_gguf(checkpoint, converted, output, *, overwrite: bool = False) -> Path:
@@ -49,7 +61,11 @@ def complete_gguf(checkpoint, converted, output, *, overwrite: bool = False) -> 
     longrope factors, attention factor and pretrained length added. Checks everything before writing; the file
     appears complete or not at all, and an existing `output` is replaced only with `overwrite=True`."""
     import numpy as np
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    try:
+        from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    except ImportError as err:
+        raise ImportError("longctx-hf gguf needs the gguf package: pip install 'longctx-hf[gguf]'") from err
 
     settings = longrope_settings(checkpoint)
     converted, output = Path(converted), Path(output)
@@ -67,6 +83,13 @@ def complete_gguf(checkpoint, converted, output, *, overwrite: bool = False) -> 
         raise ValueError(f"{converted} is a big-endian GGUF; only little-endian files (the converter's default) "
                          "are supported")
     arch = _field_value(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{converted} has architecture {arch!r}; llama.cpp reads per-frequency rope factors for "
+                         f"{ARCHITECTURES} only, and would refuse the completed file")
+    scale = _field_value(reader, f"{arch}.rope.scaling.factor")
+    if scale is not None and float(scale) != 1.0:
+        raise ValueError(f"{converted} sets {arch}.rope.scaling.factor = {scale}; llama.cpp would scale the "
+                         "frequencies by it on top of the factors. Give the converter's output of this checkpoint")
     rotary_dim = _field_value(reader, f"{arch}.rope.dimension_count")
     pairs = len(settings["factors"])
     if rotary_dim is not None and int(rotary_dim) != 2 * pairs:

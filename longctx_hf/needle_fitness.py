@@ -7,7 +7,9 @@ sentences "The special magic number for {key} is: {value}." spliced in at spread
 question line per needle, in another order. The fitness is the perplexity of the value tokens of those answer
 lines alone: the model can only predict them by retrieving the needle from far back.
 
-Deterministic: sample i depends only on the seed, i and the calibration tokens.
+Deterministic: sample i depends only on the seed, i and the calibration tokens. The pieces (haystack, needles,
+questions, values) are encoded separately and joined as token ids, so that the scored positions are exact; with a
+SentencePiece tokenizer that adds a prefix space to every encoded piece, each join then carries one.
 """
 from __future__ import annotations
 
@@ -36,7 +38,10 @@ def needle_samples(encode, calibration_ids, length: int, count: int, seed: int, 
         values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in range(needles)]
         depths = sorted((j + rng.random()) / needles for j in range(needles))
         tail, scored_offsets = [], []
-        for j in rng.sample(range(needles), needles):  # asked in another order than hidden
+        order = rng.sample(range(needles), needles)
+        if needles > 1 and order == sorted(order):  # never asked in the order hidden
+            order = order[1:] + order[:1]
+        for j in order:
             tail += encode(QUESTION.format(key=keys[j]))
             value_ids = encode(VALUE.format(value=values[j]))
             skip = len(space) if value_ids[:len(space)] == space else 0  # a separate space token is no answer

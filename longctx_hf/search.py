@@ -163,7 +163,9 @@ def run_search(model, *, factor, output_dir, text_file=None, budget=None, minute
 
         best, setup = result.best, result.results["setup"]
         measure = (f"the perplexity of the last {setup['scored_tokens']} of {setup['target_length']} tokens"
-                   if setup["fitness"] == "perplexity" else f"LongRoPE2's needle-driven perplexity (the answers to "
+                   if setup["fitness"] == "perplexity" and setup["scored_tokens"] < setup["target_length"] - 1 else
+                   f"the perplexity of windows of {setup['target_length']} tokens" if setup["fitness"] == "perplexity"
+                   else f"LongRoPE2's needle-driven perplexity (the answers to "
                    f"needles hidden in windows of {setup['target_length']} tokens)")
         note = (f"## How the factors were found\n\n`longctx-hf search` (LongRoPE's evolutionary search, seeded with "
                 f"YaRN, PI and NTK) evaluated {result.evaluations} candidates by {measure} on "
@@ -220,8 +222,9 @@ def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=No
     if calibration_text and calibration_text == evaluation_text:
         raise ValueError("the calibration text must differ from the evaluation text: factors searched on the text "
                          "they are evaluated on would overstate their quality")
-    pretrained = original_max_position_embeddings or context_info(model).pretrained_length
-    length = int(pretrained * factor)  # as extend_context computes the extended length
+    unextended = context_info(model)
+    pretrained = original_max_position_embeddings or unextended.pretrained_length
+    length = _spec_of(model, factor, unextended.pretrained_rope_theta, pretrained).extended_length
     if calibration_ids.ndim != 1 or len(calibration_ids) < documents * length:
         raise ValueError(f"calibration text has {len(calibration_ids)} tokens; the search scores {documents} x "
                          f"{length} (the target length {pretrained} x {factor:g}): give a longer text")
@@ -236,10 +239,8 @@ def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=No
         samples = needle_samples(encode, calibration_ids, length, documents, seed)
     _extend_quietly(model, factor, original_max_position_embeddings)
     info = context_info(model)
-    if info.extended_length != length:
-        raise RuntimeError(f"the extended length is {info.extended_length}, expected {length}")
     windows = calibration_ids[len(calibration_ids) - documents * length:].reshape(documents, length)
-    spec = _spec_of(model, factor, info)
+    spec = _spec_of(model, factor, info.pretrained_rope_theta, info.pretrained_length)
     setup = {"factor": float(factor), "pretrained_length": info.pretrained_length, "target_length": length,
              "rope_theta": spec.rope_theta, "rotary_dim": spec.rotary_dim, "seed": seed, "population": population,
              "parents": parents, "sigma": sigma, "documents": documents, "fitness": fitness,
@@ -320,19 +321,26 @@ def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=No
     return SearchResult(best=best, evaluations=len(recorded), output_dir=output_dir, results=results)
 
 
-def _spec_of(model, factor, info):
+def _spec_of(model, factor, rope_theta, pretrained_length):
     from .patch import _rotary_dim, _rotary_modules
 
     rotaries, _ = _rotary_modules(model)
-    return methods.longrope.Spec(factor=float(factor), rope_theta=info.pretrained_rope_theta,
-                                 rotary_dim=_rotary_dim(rotaries[0]),
-                                 original_max_position_embeddings=info.pretrained_length)
+    return methods.longrope.Spec(factor=float(factor), rope_theta=rope_theta, rotary_dim=_rotary_dim(rotaries[0]),
+                                 original_max_position_embeddings=pretrained_length)
+
+
+# setup keys added after the first release, with the value an older results.json implicitly had
+SETUP_DEFAULTS = {"fitness": lambda setup: "perplexity", "scored_tokens": lambda setup: setup["target_length"] - 1}
 
 
 def _load_or_start(path: Path, setup: dict) -> dict:
     if path.is_file():
         results = json.loads(path.read_text())
-        if results.get("setup") != setup:
+        recorded = results.get("setup") or {}
+        for key, default in SETUP_DEFAULTS.items():
+            if key not in recorded and "target_length" in recorded:
+                recorded[key] = default(recorded)
+        if recorded != setup:
             raise ValueError(f"{path} holds a search with another setup ({results.get('setup')}); give a new output "
                              "folder, or the same model, text, factor, seed and search options to resume it")
         return results
@@ -367,7 +375,8 @@ def _plot(results: dict, path: Path) -> None:
     axes.scatter(range(1, len(ppl) + 1), ppl, s=10, alpha=0.5, label="candidate")
     axes.plot(range(1, len(ppl) + 1), best, color="black", label="best so far")
     axes.axhline(results["yarn_ppl"], color="tab:red", linestyle="--", label="YaRN (first seed)")
-    axes.set(xlabel="evaluation", ylabel=f"perplexity at {results['setup']['target_length']} tokens",
+    axes.set(xlabel="evaluation", ylabel=f"fitness ({results['setup'].get('fitness', 'perplexity')}) at "
+                                         f"{results['setup']['target_length']} tokens",
              yscale="log", title=f"LongRoPE search, x{results['setup']['factor']:g}")
     axes.legend()
     figure.tight_layout()

@@ -9,12 +9,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGUFReader
 from models import tiny_model
 from test_cli import run
+from transformers import AutoConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from longctx_hf import extend_checkpoint
-from longctx_hf.llama_cpp import complete_gguf
+from longctx_hf.llama_cpp import complete_gguf, longrope_settings
 from longctx_hf.real_model import gguf_path
 
 FACTORS = [1.0 + 0.05 * i for i in range(32)]  # non-decreasing, one per rotary pair of head_dim 64
@@ -57,6 +60,43 @@ def test_the_completed_gguf_is_the_converted_one_plus_the_factors(longrope_check
             source = originals[tensor.name]
             assert tensor.tensor_type == source.tensor_type and list(tensor.shape) == list(source.shape)
             assert np.array_equal(np.asarray(tensor.data), np.asarray(source.data)), tensor.name
+
+
+@pytest.mark.parametrize("edit", [
+    {},  # as longctx_hf writes it
+    {"drop_record": True},  # a config written elsewhere: no longctx_hf record
+    {"drop_record": True, "drop": "factor"},  # transformers then takes max_position_embeddings / original
+    {"drop_record": True, "set": {"attention_factor": 1.25}}])
+def test_the_settings_are_the_ones_transformers_longrope_init_computes(longrope_checkpoint, tmp_path, edit):
+    config = json.loads((longrope_checkpoint / "config.json").read_text())
+    if edit.get("drop_record"):
+        config = {k: v for k, v in config.items() if "longctx" not in k}
+    for key in ("rope_parameters", "rope_scaling"):
+        config[key] = {k: v for k, v in config[key].items() if k != edit.get("drop")} | edit.get("set", {})
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "config.json").write_text(json.dumps(config))
+    settings = longrope_settings(tmp_path / "edited")
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](AutoConfig.from_pretrained(tmp_path / "edited"), "cpu")
+    assert settings["attention_factor"] == pytest.approx(attention_factor, rel=1e-12)
+    plain = 1.0 / (1e4 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))  # the tiny model's rope_theta
+    assert torch.allclose(inv_freq.double(), plain / torch.tensor(settings["factors"], dtype=torch.float64),
+                          rtol=1e-6)
+    assert (settings["pretrained_length"], settings["extended_length"]) == (8192, 16384)
+
+
+def test_a_gguf_of_an_architecture_llama_cpp_reads_no_factors_for_is_refused(longrope_checkpoint, tmp_path):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(tmp_path / "qwen2.gguf"), "qwen2")
+    writer.add_uint32("qwen2.rope.dimension_count", 64)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="architecture 'qwen2'; llama.cpp reads per-frequency rope factors for"):
+        complete_gguf(longrope_checkpoint, tmp_path / "qwen2.gguf", tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def test_bad_input_is_refused_before_anything_is_written(longrope_checkpoint, tmp_path):

@@ -129,6 +129,16 @@ def test_scored_tokens_make_the_fitness_the_perplexity_of_each_window_tail(train
         search(trained, tmp_path / "too-many", budget=1, scored_tokens=4 * L)
 
 
+def test_a_search_written_before_the_fitness_options_resumes(trained, tmp_path):
+    first = search(trained, tmp_path, budget=3)
+    record = json.loads((tmp_path / "results.json").read_text())
+    del record["setup"]["fitness"], record["setup"]["scored_tokens"]  # as releases before these options wrote it
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    resumed = search(trained, tmp_path, budget=4)
+    assert resumed.results["candidates"][:3] == first.results["candidates"]
+    assert resumed.evaluations == 4
+
+
 def byte_encode(text):
     return list(text.encode())
 
@@ -142,13 +152,15 @@ def test_needle_samples_hide_every_answer_far_before_its_question():
         text = bytes(sample.input_ids).decode()
         assert len(sample.input_ids) == 1024
         questions = text.index("mentioned above is:")
-        asked = [text[p] for p in sample.scored]  # one byte per digit: the answers, in the order asked
-        answers = "".join(asked)
-        for key, value, depth in sample.needles:
-            hidden = text.index(f"The special magic number for {key} is: {value}.")
-            assert hidden < questions and abs(hidden / 1024 - depth) < 0.35
+        answers = "".join(text[p] for p in sample.scored)  # one byte per digit: the answers, in the order asked
+        hidden = [text.index(f"The special magic number for {key} is: {value}.") for key, value, _ in sample.needles]
+        assert hidden == sorted(hidden) and hidden[-1] < questions  # at increasing depths, before every question
+        assert [d for *_, d in sample.needles] == sorted(d for *_, d in sample.needles)
+        asked = [answers[i:i + 7] for i in range(0, len(answers), 7)]
+        assert sorted(asked) == sorted(value for _, value, _ in sample.needles)
+        assert asked != [value for _, value, _ in sample.needles]  # asked in another order than hidden
+        for key, value, _ in sample.needles:
             assert f"for {key} mentioned above is: {value}." in text[questions - 60:]
-            assert value in answers
         assert len(answers) == 7 * len(sample.needles) and answers.isdigit()
     with pytest.raises(ValueError, match="too short for 4 needles"):
         needle_samples(byte_encode, calibration, 256, 1, seed=0)

@@ -236,21 +236,26 @@ def main():
     parser.add_argument("--engines", default=None, help="comma-separated engines to run: vllm, llama.cpp (default: "
                                                         "both; the transformers reference always runs)")
     args = parser.parse_args()
+    cases = ["none"] + [c for c in args.only.split(",") if c != "none"] if args.only else list(CASES)
+    engines = args.engines.split(",") if args.engines else ["vllm", "llama.cpp"]
+    unknown = [c for c in cases if c not in CASES] + [e for e in engines if e not in ("vllm", "llama.cpp")]
+    if unknown:
+        parser.error(f"unknown case or engine {unknown}; cases: {', '.join(CASES)}; engines: vllm, llama.cpp")
+    if "vllm" in engines and not args.vllm_python or "llama.cpp" in engines and not (args.llama_python
+                                                                                        and args.converter):
+        parser.error("give --vllm-python, and --llama-python with --converter, for the engines run (or leave an "
+                     "engine out with --engines)")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tokens = make_tokens(workdir)
-    for case in (args.only.split(",") if args.only else CASES):
+    for case in cases:  # "none" first: the unextended reference every case is compared with
         method, factor, options = CASES[case]
         checkpoint = make_checkpoint(workdir, case)
         (workdir / case).mkdir(exist_ok=True)
         for name, runner, extra, count in runs_for(case, method, options):
             out = workdir / case / f"{name}.json"
-            if out.is_file() or (args.engines and runner != "transformers" and runner not in args.engines.split(",")):
+            if out.is_file() or (runner != "transformers" and runner not in engines):
                 continue
-            if runner == "vllm" and not args.vllm_python or runner == "llama.cpp" and not (args.llama_python
-                                                                                           and args.converter):
-                parser.error(f"{case} {name} needs --vllm-python, or --llama-python and --converter (or leave the "
-                             "engine out with --engines)")
             started = time.perf_counter()
             run_engine(args, runner, checkpoint, tokens[count], out, extra)
             print(f"{case} {name}: {time.perf_counter() - started:.0f} s", flush=True)

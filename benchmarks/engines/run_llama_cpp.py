@@ -33,6 +33,11 @@ def log_softmax_rows(scores: np.ndarray, targets: list[int]) -> list[float]:
     return out
 
 
+def _last_line(text):
+    lines = (text or "").strip().splitlines()
+    return lines[-1][:600] if lines else "(no output)"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
@@ -63,13 +68,13 @@ def main():
             completed = Path(tmp) / "completed.gguf"
             done = subprocess.run([args.complete_with, "-m", "longctx_hf.cli", "gguf", args.checkpoint, str(gguf),
                                    "--output", str(completed)], capture_output=True, text=True)
-            if done.returncode != 0:
-                converted = done  # reported below as the failure
             result["completed_with"] = done.stdout.strip()
+            if done.returncode != 0:
+                result.update(loaded=False, error="longctx-hf gguf: " + _last_line(done.stderr))
             gguf = completed
         if converted.returncode != 0:
-            result.update(loaded=False, error="converter: " + converted.stderr.strip().splitlines()[-1][:600])
-        else:
+            result.update(loaded=False, error="converter: " + _last_line(converted.stderr))
+        elif "error" not in result:
             try:
                 import llama_cpp
 

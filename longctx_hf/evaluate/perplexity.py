@@ -60,9 +60,13 @@ def nll_at(model, ids, positions) -> float:
     import torch.nn.functional as F
 
     positions = torch.as_tensor(list(positions), dtype=torch.long)
-    if len(positions) == 0 or int(positions[0]) < 1 or int(positions[-1]) >= len(ids) or bool(
-            (positions[1:] <= positions[:-1]).any()):
-        raise ValueError(f"positions must be increasing, in [1, {len(ids) - 1}], got {positions.tolist()[:8]}...")
+    if len(positions) == 0:
+        raise ValueError("positions must name at least one token")
+    if int(positions.min()) < 1 or int(positions.max()) >= len(ids):
+        raise ValueError(f"positions must be in [1, {len(ids) - 1}] (each token needs one before it), got "
+                         f"{int(positions.min())} .. {int(positions.max())}")
+    if bool((positions[1:] <= positions[:-1]).any()):
+        raise ValueError("positions must be strictly increasing")
     device = model.get_input_embeddings().weight.device
     with torch.no_grad():
         hidden = model.base_model(ids[None].to(device), use_cache=False).last_hidden_state[0]
