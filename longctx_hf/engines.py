@@ -38,7 +38,8 @@ REASONS = {
     ("dynamic_ntk", LLAMA_CPP): "its converter drops rope_type 'dynamic': plain RoPE",
     ("dynamic_yarn", LLAMA_CPP): "its converter drops the unknown rope type: plain RoPE",
     ("self_extend", LLAMA_CPP): "its converter drops the unknown rope type: the unextended model",
-    ("longrope", LLAMA_CPP): "its LLaMA converter writes no per-frequency factors",
+    ("longrope", LLAMA_CPP): "its LLaMA converter writes no per-frequency factors; `longctx-hf gguf CHECKPOINT "
+                             "CONVERTED.gguf --output OUT.gguf` adds them, and OUT.gguf computes the same model",
     (YARN_WITH_OPTIONS, LLAMA_CPP): "its loader never reads the converted yarn options and runs default YaRN",
 }
 

@@ -45,6 +45,9 @@ def test_every_recommended_setting_was_measured_to_work():
     run_with_settings = case["runs"]["llama.cpp-runtime-options"]
     assert run_with_settings["verdict"] == "same"
     assert run_with_settings["runtime_options"] == engines.llama_cpp_yarn_settings(case["factor"], case["options"])
+    completed = MATRIX["cases"]["longrope-x2"]["runs"]["llama.cpp-completed-gguf"]
+    assert completed["verdict"] == "same" and "rope_factors_long" in completed["completed_with"]
+    assert "longctx-hf gguf" in engines.REASONS["longrope", engines.LLAMA_CPP]
 
 
 def test_no_engine_derives_twice_the_self_extend_length():
