@@ -162,13 +162,8 @@ def run_search(model, *, factor, output_dir, text_file=None, budget=None, minute
         from .checkpoint import extend_checkpoint
 
         best, setup = result.best, result.results["setup"]
-        measure = (f"the perplexity of the last {setup['scored_tokens']} of {setup['target_length']} tokens"
-                   if setup["fitness"] == "perplexity" and setup["scored_tokens"] < setup["target_length"] - 1 else
-                   f"the perplexity of windows of {setup['target_length']} tokens" if setup["fitness"] == "perplexity"
-                   else f"LongRoPE2's needle-driven perplexity (the answers to "
-                   f"needles hidden in windows of {setup['target_length']} tokens)")
         note = (f"## How the factors were found\n\n`longctx-hf search` (LongRoPE's evolutionary search, seeded with "
-                f"YaRN, PI and NTK) evaluated {result.evaluations} candidates by {measure} on "
+                f"YaRN, PI and NTK) evaluated {result.evaluations} candidates by {fitness_description(setup)} on "
                 f"{setup['calibration_text']} (seed {setup['seed']}). Best: perplexity {best['ppl']:.4f}, "
                 f"YaRN {result.results['yarn_ppl']:.4f} on the same tokens. Held-out evaluation should use another "
                 f"text (by default `longctx-hf eval` uses {setup['evaluation_text']}).")
@@ -360,6 +355,16 @@ def _progress(budget, enabled):
     return tqdm(total=budget, desc="search: evaluations", disable=not enabled, unit="eval")
 
 
+def fitness_description(setup: dict) -> str:
+    """What a search's fitness measured, in words (model card, plot)."""
+    length = setup["target_length"]
+    if setup.get("fitness", "perplexity") == "needle":
+        return f"needle-driven perplexity at {length} tokens"
+    if setup.get("scored_tokens", length - 1) < length - 1:
+        return f"perplexity of the last {setup['scored_tokens']} of {length} tokens"
+    return f"perplexity of windows of {length} tokens"
+
+
 def _plot(results: dict, path: Path) -> None:
     """Perplexity of every candidate and the best so far, against evaluations (skipped without matplotlib)."""
     try:
@@ -375,8 +380,7 @@ def _plot(results: dict, path: Path) -> None:
     axes.scatter(range(1, len(ppl) + 1), ppl, s=10, alpha=0.5, label="candidate")
     axes.plot(range(1, len(ppl) + 1), best, color="black", label="best so far")
     axes.axhline(results["yarn_ppl"], color="tab:red", linestyle="--", label="YaRN (first seed)")
-    axes.set(xlabel="evaluation", ylabel=f"fitness ({results['setup'].get('fitness', 'perplexity')}) at "
-                                         f"{results['setup']['target_length']} tokens",
+    axes.set(xlabel="evaluation", ylabel=fitness_description(results["setup"]),
              yscale="log", title=f"LongRoPE search, x{results['setup']['factor']:g}")
     axes.legend()
     figure.tight_layout()
