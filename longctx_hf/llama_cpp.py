@@ -32,9 +32,11 @@ def longrope_settings(checkpoint) -> dict:
     config_file = Path(checkpoint) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"checkpoint must be a folder with config.json; not found: {config_file}")
+    from .hf_config import rope_parameters_of
+
     config = json.loads(config_file.read_text())
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type"))
+    rope = rope_parameters_of(config)
+    rope_type = rope["rope_type"]
     if rope_type != "longrope":
         raise ValueError(f"{checkpoint} has rope type {rope_type!r}; only 'longrope' checkpoints need their GGUF "
                          "completed (llama.cpp's converter keeps the other methods' settings or cannot express "

@@ -58,7 +58,7 @@ def needle_samples(encode, calibration_ids, length: int, count: int, seed: int, 
                              f"{length}: give a longer text")
         haystack = [int(t) for t in calibration_ids[start:stop]]
         ids, previous = [], 0
-        for depth, needle in zip(depths, (hidden[j] for j in range(needles))):
+        for depth, needle in zip(depths, hidden):
             cut = max(previous, int(depth * haystack_size))
             ids += haystack[previous:cut] + needle
             previous = cut

@@ -219,7 +219,8 @@ def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=No
                          "they are evaluated on would overstate their quality")
     unextended = context_info(model)
     pretrained = original_max_position_embeddings or unextended.pretrained_length
-    length = _spec_of(model, factor, unextended.pretrained_rope_theta, pretrained).extended_length
+    spec = _spec_of(model, factor, unextended.pretrained_rope_theta, pretrained)
+    length = spec.extended_length
     if calibration_ids.ndim != 1 or len(calibration_ids) < documents * length:
         raise ValueError(f"calibration text has {len(calibration_ids)} tokens; the search scores {documents} x "
                          f"{length} (the target length {pretrained} x {factor:g}): give a longer text")
@@ -233,10 +234,8 @@ def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=No
 
         samples = needle_samples(encode, calibration_ids, length, documents, seed)
     _extend_quietly(model, factor, original_max_position_embeddings)
-    info = context_info(model)
     windows = calibration_ids[len(calibration_ids) - documents * length:].reshape(documents, length)
-    spec = _spec_of(model, factor, info.pretrained_rope_theta, info.pretrained_length)
-    setup = {"factor": float(factor), "pretrained_length": info.pretrained_length, "target_length": length,
+    setup = {"factor": float(factor), "pretrained_length": pretrained, "target_length": length,
              "rope_theta": spec.rope_theta, "rotary_dim": spec.rotary_dim, "seed": seed, "population": population,
              "parents": parents, "sigma": sigma, "documents": documents, "fitness": fitness,
              "scored_tokens": scored_count if fitness == "perplexity" else None,
