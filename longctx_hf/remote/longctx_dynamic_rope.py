@@ -212,21 +212,31 @@ class DynamicRopeRuntime:
         if self._memo_key is not position_ids:  # tables and block plans are per forward, shared by all layers
             self._memo_key, self._memo = position_ids, {}
         batch, queries, length = query.shape[0], query.shape[-2], key.shape[-2]
-        positions = position_ids.to(key.device).expand(batch, -1)
+        plan_key = ("plan", batch, queries, length, key.device, key.dtype)
+        plan = self._memo.get(plan_key)
+        if plan is None:  # once per forward: every layer sees the same positions
+            plan = self._memo[plan_key] = self._plan(position_ids, batch, queries, length, key.device, key.dtype)
+        if plan[0] == "blocks":
+            return self._attention_in_blocks(module, query, key, value, attention_mask, *plan[1:], **kwargs)
+        _, cos, sin, query_cos, query_sin, fused = plan
+        query = self.rotate(query, query_cos, query_sin, fused)
+        key = self.rotate(key, cos, sin, fused, reuse=True)
+        return self.base_attention(module, query, key, value, attention_mask, **kwargs)
+
+    def _plan(self, position_ids, batch, queries, length, device, dtype):
+        """What every layer of one forward needs: ("rotate", cos, sin, query cos, query sin, fused) when one
+        rotation serves every query (a decode step, or all queries within L), else ("blocks", positions,
+        key_positions, lengths)."""
+        positions = position_ids.to(device).expand(batch, -1)
         # keys hold consecutive positions ending at the last query's (pads get meaningless, masked angles)
-        key_positions = positions[:, -1:] - (length - 1) + torch.arange(length, device=key.device)
+        key_positions = positions[:, -1:] - (length - 1) + torch.arange(length, device=device)
         lengths = positions + 1  # each token is computed at its own length, as when it was decoded
-        if queries == 1 or int(lengths.max()) <= self.original_length:
-            memo_key = (batch, length, key.device, key.dtype)
-            if memo_key not in self._memo:
-                self._memo[memo_key] = self.cos_sin(key_positions, lengths[:, -1], key.dtype)
-            cos, sin = self._memo[memo_key]
-            fused = int(lengths.max()) > self.original_length
-            query = self.rotate(query, cos[..., length - queries :, :], sin[..., length - queries :, :], fused)
-            key = self.rotate(key, cos, sin, fused, reuse=True)
-            return self.base_attention(module, query, key, value, attention_mask, **kwargs)
-        return self._attention_in_blocks(module, query, key, value, attention_mask, positions, key_positions,
-                                         lengths, **kwargs)
+        longest = int(lengths.max())
+        if queries > 1 and longest > self.original_length:
+            return "blocks", positions, key_positions, lengths
+        cos, sin = self.cos_sin(key_positions, lengths[:, -1], dtype)
+        return ("rotate", cos, sin, cos[..., length - queries :, :], sin[..., length - queries :, :],
+                longest > self.original_length)
 
     def _attention_in_blocks(self, module, query, key, value, attention_mask, positions, key_positions, lengths,
                              **kwargs):
