@@ -5,7 +5,11 @@ loop, so a run that is cut off keeps every finished cell and a second call conti
 folders are skipped, an unfinished one is started again in a new folder). The samples are the same for every
 method: they depend only on the seed, the task, the length and the tokenizer.
 
-    python benchmarks/bench_ruler_smollm2.py run OUT [--methods none,yarn,self_extend] [--lengths 4k,8k,16k]
+`longrope_searched` is LongRoPE with the factors `bench_longrope_search.py` searched (FACTORS, default the committed
+x2 search): saved once as a checkpoint beside the cells (tokenizer included), evaluated as that model, and labelled
+`longrope` in the reports, with the factors' file in the run's options.
+
+    python benchmarks/bench_ruler_smollm2.py run OUT [--methods none,yarn,self_extend,longrope_searched] [--lengths 4k,8k,16k]
         [--samples 5] [--factor 2] [--no-chat-template]
     python benchmarks/bench_ruler_smollm2.py combine OUT
         -> OUT/combined/results.json, results.md, ruler_heatmap.png (every finished cell)
@@ -16,9 +20,39 @@ import shutil
 import time
 from pathlib import Path
 
+SEARCHED = "longrope_searched"
+FACTORS = Path(__file__).parent / "results" / "longrope_smollm2_x2" / "factors.json"
+
 
 def _folder(output, method, length):
     return Path(output) / f"{method}-{length}"
+
+
+def searched_checkpoint(output, factor, factors_file):
+    """SmolLM2 extended with the searched LongRoPE factors, saved (with its tokenizer) once under OUTPUT."""
+    folder = Path(output) / "checkpoints" / f"{SEARCHED}-x{factor:g}"
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longctx_hf import extend_context
+    from longctx_hf.real_model import smollm2_path
+
+    searched = json.loads(Path(factors_file).read_text())
+    setup = Path(factors_file).with_name("results.json")  # the search's own record says which factor it searched
+    searched_factor = json.loads(setup.read_text())["setup"]["factor"] if setup.exists() else factor
+    if searched_factor != factor:
+        raise SystemExit(f"{factors_file} holds factors searched for x{searched_factor:g}, not --factor {factor:g}")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+    extend_context(model, "longrope", factor, long_factor=searched["long_factor"],
+                   attention_factor=searched["attention_factor"])
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(staging)
+    staging.rename(folder)
+    return folder
 
 
 def run(args):
@@ -36,9 +70,17 @@ def run(args):
             if folder.exists():  # cut off: keep what it wrote, start this cell again
                 shutil.move(folder, folder.with_name(f"{folder.name}.cut-{int(time.time())}"))
             start = time.perf_counter()
-            evaluate_model("smollm2", [method], factor=None if method == "none" else args.factor, lengths=[length],
-                           tasks=["ruler"], samples=args.samples, chat_template=args.chat_template, seed=0,
-                           output=str(folder))
+            model, evaluated = "smollm2", method
+            if method == SEARCHED:
+                model, evaluated = str(searched_checkpoint(args.output, args.factor, args.factors)), "none"
+            evaluate_model(model, [evaluated], factor=None if evaluated == "none" else args.factor,
+                           lengths=[length], tasks=["ruler"], samples=args.samples, chat_template=args.chat_template,
+                           seed=0, output=str(folder))
+            if method == SEARCHED:  # the checkpoint ran as the model itself: name what it is
+                results = json.loads(done.read_text())
+                results["runs"][0].update(method="longrope", factor=args.factor,
+                                          options={"long_factor": f"searched: {args.factors}"})
+                done.write_text(json.dumps(results, indent=2) + "\n")
             print(f"{folder.name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -46,8 +88,9 @@ def combine(args):
     from longctx_hf.evaluate import write_reports
 
     parts = sorted((json.loads((p / "results.json").read_text()) for p in Path(args.output).iterdir()
-                    if p.is_dir() and "." not in p.name and p.name != "combined" and (p / "results.json").exists()),
-                   key=lambda r: r["ruler"]["lengths"][0])
+                    if p.is_dir() and "." not in p.name and p.name not in ("combined", "checkpoints")
+                    and (p / "results.json").exists()),
+                   key=lambda r: (r["ruler"]["lengths"][0], r["model"] != "smollm2"))  # first: a smollm2 cell
     if not parts:
         raise SystemExit(f"no runs in {args.output}")
     order = list(dict.fromkeys(["none", "yarn"] + [part["runs"][0]["method"] for part in parts]))
@@ -80,6 +123,7 @@ def main():
     part.add_argument("--lengths", default="4k,8k,16k")
     part.add_argument("--samples", type=int, default=5)
     part.add_argument("--factor", type=float, default=2.0)
+    part.add_argument("--factors", default=str(FACTORS), help=f"the searched factors for {SEARCHED}")
     part.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     part.set_defaults(run=run)
     part = sub.add_parser("combine")
