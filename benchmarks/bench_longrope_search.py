@@ -1,7 +1,7 @@
 """LongRoPE search on SmolLM2-135M (pretrained 8192 tokens), then the searched factors against YaRN on held-out text.
 
-    python benchmarks/bench_longrope_search.py search FACTOR OUTPUT [--budget N] [--scored-tokens N]
-        # calibration: stdlib packages; fitness: perplexity of the window, or of its last N tokens
+    python benchmarks/bench_longrope_search.py search FACTOR OUTPUT [--budget N] [--scored-tokens N] [--fitness needle]
+        # calibration: stdlib packages; fitness: perplexity of the window, of its last N tokens, or needle-driven
     python benchmarks/bench_longrope_search.py evaluate FACTOR OUTPUT [--passkey yarn,longrope_searched]
 
 `search` runs `longctx_hf.search.run_search` (resumable: run it again to continue). `evaluate` scores the last
@@ -67,6 +67,8 @@ def main():
     parser.add_argument("output")
     parser.add_argument("--budget", type=int, default=24)
     parser.add_argument("--scored-tokens", type=int, default=None, help="search: fitness on the last N tokens only")
+    parser.add_argument("--fitness", default="perplexity", choices=["perplexity", "needle"],
+                        help="search: the window's perplexity, or LongRoPE2's needle-driven perplexity")
     parser.add_argument("--passkey", default="", help="comma-separated variants: yarn, longrope_searched")
     parser.add_argument("--variants", default="yarn,longrope_searched", help="which variants to evaluate")
     args = parser.parse_args()
@@ -74,7 +76,7 @@ def main():
         from longctx_hf.search import run_search
 
         result = run_search("smollm2", factor=args.factor, output_dir=Path(args.output) / f"search-x{args.factor:g}",
-                            budget=args.budget, scored_tokens=args.scored_tokens)
+                            budget=args.budget, scored_tokens=args.scored_tokens, fitness=args.fitness)
         print(json.dumps({k: result.results[k] for k in ("best", "yarn_ppl", "evaluations", "seconds")}, indent=1))
     else:
         evaluate(args.factor, args.output, [name for name in args.passkey.split(",") if name],
