@@ -5,9 +5,9 @@ loop, so a run that is cut off keeps every finished cell and a second call conti
 folders are skipped, an unfinished one is started again in a new folder). The samples are the same for every
 method: they depend only on the seed, the task, the length and the tokenizer.
 
-`longrope_searched` is LongRoPE with the factors `bench_longrope_search.py` searched (FACTORS, default the committed
-x2 search): saved once as a checkpoint beside the cells (tokenizer included), evaluated as that model, and labelled
-`longrope` in the reports, with the factors' file in the run's options.
+`longrope_searched` is LongRoPE with the factors `bench_longrope_search.py` searched (--factors, default the committed
+x2 search): saved once as a checkpoint beside the cells (tokenizer included, one per factors file), evaluated as that
+model, and labelled `longrope_searched` in the reports, with the factors in the run's options.
 
     python benchmarks/bench_ruler_smollm2.py run OUT [--methods none,yarn,self_extend,longrope_searched] [--lengths 4k,8k,16k]
         [--samples 5] [--factor 2] [--no-chat-template]
@@ -15,6 +15,7 @@ x2 search): saved once as a checkpoint beside the cells (tokenizer included), ev
         -> OUT/combined/results.json, results.md, ruler_heatmap.png (every finished cell)
 """
 import argparse
+import hashlib
 import json
 import shutil
 import time
@@ -29,21 +30,28 @@ def _folder(output, method, length):
 
 
 def searched_checkpoint(output, factor, factors_file):
-    """SmolLM2 extended with the searched LongRoPE factors, saved (with its tokenizer) once under OUTPUT."""
-    folder = Path(output) / "checkpoints" / f"{SEARCHED}-x{factor:g}"
+    """SmolLM2 extended with the searched LongRoPE factors, saved (with its tokenizer) once under OUTPUT, in a folder
+    named by the factors file's hash (another file gets another checkpoint). Returns (folder, options)."""
+    text = Path(factors_file).read_text()
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    search = Path(factors_file).with_name("results.json")  # the search's own record says which factor it searched
+    if not search.exists() or "factor" not in json.loads(search.read_text()).get("setup", {}):
+        raise SystemExit(f"{search} (the search's record beside {factors_file}) is missing or names no factor")
+    searched_factor = json.loads(search.read_text())["setup"]["factor"]
+    if searched_factor != factor:
+        raise SystemExit(f"{factors_file} holds factors searched for x{searched_factor:g}, not --factor {factor:g}")
+    searched = json.loads(text)
+    options = {"factors_file": Path(factors_file).name, "factors_sha256": digest,
+               "long_factor": searched["long_factor"], "attention_factor": searched["attention_factor"]}
+    folder = Path(output) / "checkpoints" / f"{SEARCHED}-x{factor:g}-{digest}"
     if (folder / "config.json").exists():
-        return folder
+        return folder, options
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from longctx_hf import extend_context
     from longctx_hf.real_model import smollm2_path
 
-    searched = json.loads(Path(factors_file).read_text())
-    setup = Path(factors_file).with_name("results.json")  # the search's own record says which factor it searched
-    searched_factor = json.loads(setup.read_text())["setup"]["factor"] if setup.exists() else factor
-    if searched_factor != factor:
-        raise SystemExit(f"{factors_file} holds factors searched for x{searched_factor:g}, not --factor {factor:g}")
     model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
     extend_context(model, "longrope", factor, long_factor=searched["long_factor"],
                    attention_factor=searched["attention_factor"])
@@ -52,7 +60,21 @@ def searched_checkpoint(output, factor, factors_file):
     model.save_pretrained(staging)
     AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(staging)
     staging.rename(folder)
-    return folder
+    return folder, options
+
+
+def label_searched(folder, factor, options):
+    """The searched checkpoint ran as the model itself ("none"): name it in the cell's results and reports (run
+    again on a finished cell, so a run cut off between the evaluation and this step still gets it)."""
+    from longctx_hf.evaluate import write_reports
+
+    results = json.loads((folder / "results.json").read_text())
+    recorded = results["runs"][0].get("options", {}).get("factors_sha256")
+    if results["runs"][0]["method"] == SEARCHED and recorded != options["factors_sha256"]:
+        raise SystemExit(f"{folder} holds another factors file's results (sha256 {recorded}); use another OUTPUT")
+    if results["runs"][0]["method"] != SEARCHED:
+        results["runs"][0].update(method=SEARCHED, factor=factor, options=options)
+        write_reports(results, folder)
 
 
 def run(args):
@@ -64,23 +86,23 @@ def run(args):
         for method in args.methods.split(","):
             folder = _folder(args.output, method, length)
             done = folder / "results.json"
+            model, evaluated, options = "smollm2", method, None
+            if method == SEARCHED:
+                checkpoint, options = searched_checkpoint(args.output, args.factor, args.factors)
+                model, evaluated = str(checkpoint), "none"
             if done.exists() and json.loads(done.read_text())["complete"]:
+                if options is not None:
+                    label_searched(folder, args.factor, options)
                 print(f"{folder.name}: done already", flush=True)
                 continue
             if folder.exists():  # cut off: keep what it wrote, start this cell again
                 shutil.move(folder, folder.with_name(f"{folder.name}.cut-{int(time.time())}"))
             start = time.perf_counter()
-            model, evaluated = "smollm2", method
-            if method == SEARCHED:
-                model, evaluated = str(searched_checkpoint(args.output, args.factor, args.factors)), "none"
             evaluate_model(model, [evaluated], factor=None if evaluated == "none" else args.factor,
                            lengths=[length], tasks=["ruler"], samples=args.samples, chat_template=args.chat_template,
                            seed=0, output=str(folder))
-            if method == SEARCHED:  # the checkpoint ran as the model itself: name what it is
-                results = json.loads(done.read_text())
-                results["runs"][0].update(method="longrope", factor=args.factor,
-                                          options={"long_factor": f"searched: {args.factors}"})
-                done.write_text(json.dumps(results, indent=2) + "\n")
+            if options is not None:
+                label_searched(folder, args.factor, options)
             print(f"{folder.name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
