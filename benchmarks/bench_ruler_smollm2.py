@@ -5,8 +5,8 @@ loop, so a run that is cut off keeps every finished cell and a second call conti
 folders are skipped, an unfinished one is started again in a new folder). The samples are the same for every
 method: they depend only on the seed, the task, the length and the tokenizer.
 
-`longrope_searched` is LongRoPE with the factors `bench_longrope_search.py` searched (--factors, default the committed
-x2 search): saved once as a checkpoint beside the cells (tokenizer included, one per factors file), evaluated as that
+`longrope_searched` is LongRoPE with the factors `bench_longrope_search.py` searched (--factors, default the x2
+search with the needle-driven fitness, the one that retrieves best): saved once as a checkpoint beside the cells (tokenizer included, one per factors file), evaluated as that
 model, and labelled `longrope_searched` in the reports, with the factors in the run's options.
 
     python benchmarks/bench_ruler_smollm2.py run OUT [--methods none,yarn,self_extend,longrope_searched] [--lengths 4k,8k,16k]
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 SEARCHED = "longrope_searched"
-FACTORS = Path(__file__).parent / "results" / "longrope_smollm2_x2" / "factors.json"
+FACTORS = Path(__file__).parent / "results" / "longrope_smollm2_x2_needle" / "factors.json"
 
 
 def _folder(output, method, length):
