@@ -6,8 +6,9 @@ folders are skipped, an unfinished one is started again in a new folder). The sa
 method: they depend only on the seed, the task, the length and the tokenizer.
 
 `longrope_searched` is LongRoPE with the factors `bench_longrope_search.py` searched (--factors, default the x2
-search with the needle-driven fitness, the one that retrieves best): saved once as a checkpoint beside the cells (tokenizer included, one per factors file), evaluated as that
-model, and labelled `longrope_searched` in the reports, with the factors in the run's options.
+search with the needle-driven fitness, the one that retrieves best): saved once as a checkpoint beside the cells
+(tokenizer included, one per factors file), evaluated as that model, and labelled `longrope_searched` in the
+reports, with the factors in the run's options.
 
     python benchmarks/bench_ruler_smollm2.py run OUT [--methods none,yarn,self_extend,longrope_searched] [--lengths 4k,8k,16k]
         [--samples 5] [--factor 2] [--no-chat-template]
