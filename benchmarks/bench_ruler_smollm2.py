@@ -36,9 +36,9 @@ def searched_checkpoint(output, factor, factors_file):
     text = Path(factors_file).read_text()
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     search = Path(factors_file).with_name("results.json")  # the search's own record says which factor it searched
-    if not search.exists() or "factor" not in json.loads(search.read_text()).get("setup", {}):
+    searched_factor = json.loads(search.read_text()).get("setup", {}).get("factor") if search.exists() else None
+    if searched_factor is None:
         raise SystemExit(f"{search} (the search's record beside {factors_file}) is missing or names no factor")
-    searched_factor = json.loads(search.read_text())["setup"]["factor"]
     if searched_factor != factor:
         raise SystemExit(f"{factors_file} holds factors searched for x{searched_factor:g}, not --factor {factor:g}")
     searched = json.loads(text)
@@ -83,14 +83,16 @@ def run(args):
     from longctx_hf.evaluate.run import parse_length
 
     lengths = [parse_length(n) for n in args.lengths.split(",")]
+    methods = args.methods.split(",")
+    searched = searched_checkpoint(args.output, args.factor, args.factors) if SEARCHED in methods else None
     for length in lengths:
-        for method in args.methods.split(","):
+        for method in methods:
             folder = _folder(args.output, method, length)
             done = folder / "results.json"
             model, evaluated, options = "smollm2", method, None
             if method == SEARCHED:
-                checkpoint, options = searched_checkpoint(args.output, args.factor, args.factors)
-                model, evaluated = str(checkpoint), "none"
+                (checkpoint, options), evaluated = searched, "none"
+                model = str(checkpoint)
             if done.exists() and json.loads(done.read_text())["complete"]:
                 if options is not None:
                     label_searched(folder, args.factor, options)
