@@ -1,17 +1,19 @@
 """RULER on SmolLM2-135M-Instruct (pretrained to 8192 tokens): the unextended model and extension methods at x2.
 
-Every (method, length) is its own `longctx_hf.evaluate.evaluate_model` run in its own folder, lengths in the outer
-loop, so a run that is cut off keeps every finished cell and a second call continues where it stopped (finished
-folders are skipped, an unfinished one is started again in a new folder). The samples are the same for every
-method: they depend only on the seed, the task, the length and the tokenizer.
+Every (method, length, task) is its own `longctx_hf.evaluate.evaluate_model` run in its own folder
+(`METHOD-LENGTH-TASK`), lengths in the outer loop, so a run that is cut off loses at most one task's samples and a
+second call continues where it stopped (finished folders are skipped, an unfinished one is started again in a new
+folder). A folder `METHOD-LENGTH` holding every task (an earlier layout) counts as finished for all of them. The
+samples are the same for every method and however the tasks are split: each depends only on the seed, the task,
+the length, its index and the tokenizer.
 
 `longrope_searched` is LongRoPE with the factors `bench_longrope_search.py` searched (--factors, default the x2
-search with the needle-driven fitness, the one that retrieves best): saved once as a checkpoint beside the cells
-(tokenizer included, one per factors file), evaluated as that model, and labelled `longrope_searched` in the
-reports, with the factors in the run's options.
+search with the needle-driven fitness, the one that retrieves best): saved once as a checkpoint (tokenizer
+included, one per factors file, under --checkpoints, default OUT/checkpoints), evaluated as that model, and
+labelled `longrope_searched` in the reports, with the factors in the run's options.
 
     python benchmarks/bench_ruler_smollm2.py run OUT [--methods none,yarn,self_extend,longrope_searched] [--lengths 4k,8k,16k]
-        [--samples 5] [--factor 2] [--no-chat-template]
+        [--samples 5] [--factor 2] [--checkpoints DIR] [--no-chat-template]
     python benchmarks/bench_ruler_smollm2.py combine OUT
         -> OUT/combined/results.json, results.md, ruler_heatmap.png (every finished cell)
 """
@@ -26,12 +28,13 @@ SEARCHED = "longrope_searched"
 FACTORS = Path(__file__).parent / "results" / "longrope_smollm2_x2_needle" / "factors.json"
 
 
-def _folder(output, method, length):
-    return Path(output) / f"{method}-{length}"
+def _finished(folder) -> bool:
+    done = folder / "results.json"
+    return done.exists() and json.loads(done.read_text())["complete"]
 
 
-def searched_checkpoint(output, factor, factors_file):
-    """SmolLM2 extended with the searched LongRoPE factors, saved (with its tokenizer) once under OUTPUT, in a folder
+def searched_checkpoint(checkpoints, factor, factors_file):
+    """SmolLM2 extended with the searched LongRoPE factors, saved (with its tokenizer) once under CHECKPOINTS, in a folder
     named by the factors file's hash (another file gets another checkpoint). Returns (folder, options)."""
     text = Path(factors_file).read_text()
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -44,7 +47,7 @@ def searched_checkpoint(output, factor, factors_file):
     searched = json.loads(text)
     options = {"factors_file": Path(factors_file).name, "factors_sha256": digest,
                "long_factor": searched["long_factor"], "attention_factor": searched["attention_factor"]}
-    folder = Path(output) / "checkpoints" / f"{SEARCHED}-x{factor:g}-{digest}"
+    folder = Path(checkpoints) / f"{SEARCHED}-x{factor:g}-{digest}"
     if (folder / "config.json").exists():
         return folder, options
     import torch
@@ -80,37 +83,48 @@ def label_searched(folder, factor, options):
 
 def run(args):
     from longctx_hf.evaluate import evaluate_model
+    from longctx_hf.evaluate.ruler_tasks import TASKS
     from longctx_hf.evaluate.run import parse_length
 
     lengths = [parse_length(n) for n in args.lengths.split(",")]
     methods = args.methods.split(",")
-    searched = searched_checkpoint(args.output, args.factor, args.factors) if SEARCHED in methods else None
+    checkpoints = args.checkpoints or Path(args.output) / "checkpoints"
+    searched = searched_checkpoint(checkpoints, args.factor, args.factors) if SEARCHED in methods else None
     for length in lengths:
         for method in methods:
-            folder = _folder(args.output, method, length)
-            done = folder / "results.json"
             model, evaluated, options = "smollm2", method, None
             if method == SEARCHED:
                 (checkpoint, options), evaluated = searched, "none"
                 model = str(checkpoint)
-            if done.exists() and json.loads(done.read_text())["complete"]:
+            whole = Path(args.output) / f"{method}-{length}"
+            for task in TASKS:
+                folder = whole if whole.exists() else Path(args.output) / f"{method}-{length}-{task}"
+                if _finished(folder):
+                    if options is not None:
+                        label_searched(folder, args.factor, options)
+                    print(f"{folder.name}: done already", flush=True)
+                    if folder == whole:
+                        break
+                    continue
+                if folder == whole:
+                    raise SystemExit(f"{whole} is an unfinished run of every task; move it away to run by task")
+                if folder.exists():  # cut off: keep what it wrote, start this cell again
+                    shutil.move(folder, folder.with_name(f"{folder.name}.cut-{int(time.time())}"))
+                start = time.perf_counter()
+                evaluate_model(model, [evaluated], factor=None if evaluated == "none" else args.factor,
+                               lengths=[length], tasks=["ruler"], ruler_tasks=[task], samples=args.samples,
+                               chat_template=args.chat_template, seed=0, output=str(folder))
                 if options is not None:
                     label_searched(folder, args.factor, options)
-                print(f"{folder.name}: done already", flush=True)
-                continue
-            if folder.exists():  # cut off: keep what it wrote, start this cell again
-                shutil.move(folder, folder.with_name(f"{folder.name}.cut-{int(time.time())}"))
-            start = time.perf_counter()
-            evaluate_model(model, [evaluated], factor=None if evaluated == "none" else args.factor,
-                           lengths=[length], tasks=["ruler"], samples=args.samples, chat_template=args.chat_template,
-                           seed=0, output=str(folder))
-            if options is not None:
-                label_searched(folder, args.factor, options)
-            print(f"{folder.name}: {time.perf_counter() - start:.0f} s", flush=True)
+                print(f"{folder.name}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+SAME_SETUP = ("samples", "chat_template", "haystack_sha256", "words", "answer_margin")
 
 
 def combine(args):
     from longctx_hf.evaluate import write_reports
+    from longctx_hf.evaluate.ruler_tasks import TASKS
 
     parts = sorted((json.loads((p / "results.json").read_text()) for p in Path(args.output).iterdir()
                     if p.is_dir() and "." not in p.name and p.name not in ("combined", "checkpoints")
@@ -118,22 +132,36 @@ def combine(args):
                    key=lambda r: (r["ruler"]["lengths"][0], r["model"] != "smollm2"))  # first: a smollm2 cell
     if not parts:
         raise SystemExit(f"no runs in {args.output}")
+    first = parts[0]
+    for part in parts:  # only runs of the same samples may share a table
+        differs = [key for key in SAME_SETUP if part["ruler"].get(key) != first["ruler"].get(key)]
+        if differs or part["seed"] != first["seed"]:
+            raise SystemExit(f"{part['runs'][0]['method']} at {part['ruler']['lengths']}: another "
+                             f"{', '.join(differs) or 'seed'} than the other runs; combine only runs of one setup")
     order = list(dict.fromkeys(["none", "yarn"] + [part["runs"][0]["method"] for part in parts]))
-    runs = {}
+    runs, seen = {}, set()
     for part in parts:
         source = part["runs"][0]
         run = runs.setdefault(source["method"], {key: value for key, value in source.items() if key != "ruler"}
                               | {"ruler": []})
-        run["ruler"] += source.get("ruler", [])
-    first = parts[0]
+        for cell in source.get("ruler", []):
+            key = (source["method"], cell["length"], cell["task"])
+            if key in seen:
+                raise SystemExit(f"{key} was run twice in {args.output}; keep one")
+            seen.add(key)
+            run["ruler"].append(cell)
+    for run in runs.values():  # task order as RULER lists them, lengths ascending
+        run["ruler"].sort(key=lambda cell: (cell["length"], list(TASKS).index(cell["task"])))
+    tasks = {cell["task"] for run in runs.values() for cell in run["ruler"]}
     combined = {key: value for key, value in first.items() if key not in ("runs", "ruler_summary", "plots")}
     combined["runs"] = [runs[method] for method in order if method in runs]
-    combined["ruler"] = dict(first["ruler"], lengths=sorted({n for part in parts for n in part["ruler"]["lengths"]}))
+    combined["ruler"] = dict(first["ruler"], lengths=sorted({n for part in parts for n in part["ruler"]["lengths"]}),
+                             tasks=[task for task in TASKS if task in tasks])
     combined["lengths"] = combined["ruler"]["lengths"]
     combined["plots"] = {}
     combined["complete"] = all(part["complete"] for part in parts)
-    combined["combined_from"] = sorted(f"{part['runs'][0]['method']}-{part['ruler']['lengths'][0]}"
-                                       for part in parts)
+    combined["combined_from"] = sorted({f"{part['runs'][0]['method']}-{part['ruler']['lengths'][0]}"
+                                        for part in parts})
     out = Path(args.output) / "combined"
     out.mkdir(exist_ok=True)
     print(write_reports(combined, out))
@@ -149,6 +177,7 @@ def main():
     part.add_argument("--samples", type=int, default=5)
     part.add_argument("--factor", type=float, default=2.0)
     part.add_argument("--factors", default=str(FACTORS), help=f"the searched factors for {SEARCHED}")
+    part.add_argument("--checkpoints", help=f"where {SEARCHED}'s checkpoint is saved (default OUTPUT/checkpoints)")
     part.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     part.set_defaults(run=run)
     part = sub.add_parser("combine")
