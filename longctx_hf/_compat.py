@@ -80,3 +80,23 @@ def activation_checkpointing_enabled(model) -> bool:
     if "is_activation_checkpointing" in dir(type(model)):
         return bool(model.is_activation_checkpointing)
     return bool(model.is_gradient_checkpointing)
+
+
+# DeepSpeed's sequence parallelism (Ulysses): the group and how gradients are reduced over it
+def deepspeed_sequence_parallel_group():
+    """The process group that shares each sequence. Private in DeepSpeed; accelerate's data-loader adapter and
+    transformers' Trainer read it from the same place."""
+    from deepspeed.utils import groups
+
+    return groups._get_sequence_parallel_group()
+
+
+def deepspeed_averages_sequence_parallel_gradients(zero_stage: int) -> bool:
+    """Whether DeepSpeed averages (rather than sums) gradients over the sequence-parallel group: ZeRO-3 before
+    deepspeed 0.20.2 does (deepspeedai/DeepSpeed#8854, as transformers 5.25's Trainer reads it). Checked by
+    tests/test_finetune.py against one process, with the deepspeed the tests install."""
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    return zero_stage == 3 and Version(importlib.metadata.version("deepspeed")) < Version("0.20.2")

@@ -67,22 +67,33 @@ def cpu_sharding_settings(distributed_type: str, mixed_precision: str, environ=o
     return CpuShardingSettings(reshard_after_forward=reshard == "true", wrap_policy=policy, layer_classes=classes)
 
 
-def check_no_sequence_parallelism(environ=os.environ):
-    """Refuse accelerate's sequence / context parallelism (`parallelism_config_sp_size` / `cp_size` > 1).
+def process_group_kwargs(environ=os.environ) -> list:
+    """accelerate's kwargs handlers for this launch: the gloo backend for DeepSpeed on a machine without a GPU.
 
-    Both split every sequence over processes. The loss must then be averaged over the shards by their token counts
-    (a differentiable all-gather), and packed documents need an attention that reads their boundaries from
-    `position_ids`; this loop does neither, and neither engine runs on CPU processes, so it could not be tested
-    here (docs/finetuning.md, "Sequence parallelism"). Refused rather than trained with a wrong loss.
+    accelerate (1.15, 1.16) takes the process-group backend from the accelerator; with none, a DeepSpeed launch gets
+    no backend, and every process runs alone (`num_processes` 1). DeepSpeed itself runs on CPU processes over gloo
+    (its CPU accelerator), which is what these processes are then given.
     """
-    if not _flag(environ, "ACCELERATE_USE_PARALLELISM_CONFIG", "false"):
-        return
-    for name, what in (("SP", "sequence parallelism (DeepSpeed Ulysses)"), ("CP", "context parallelism (torch)")):
-        size = int(environ.get(f"PARALLELISM_CONFIG_{name}_SIZE", "1") or 1)
-        if size > 1:
-            raise ValueError(f"parallelism_config_{name.lower()}_size {size}: {what} is not supported by finetune "
-                             "(its loss would need aggregating over the sequence shards); for long sequences use "
-                             "--gradient-checkpointing")
+    import torch
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if _flag(environ, "ACCELERATE_USE_DEEPSPEED", "false") and not torch.accelerator.is_available():
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
+
+
+def settle_deepspeed_config(config: dict, batch_size: int, grad_accum: int, max_grad_norm: float):
+    """Make the DeepSpeed config agree with finetune's options, or refuse: DeepSpeed, not this loop, accumulates and
+    clips, so a config that says otherwise would silently win. 'auto' (or unset) takes the option's value; the
+    micro-batch size is filled in because under sequence parallelism the model is prepared without the data loader,
+    which is where accelerate would read it."""
+    for key, value in (("train_micro_batch_size_per_gpu", batch_size), ("gradient_accumulation_steps", grad_accum),
+                       ("gradient_clipping", max_grad_norm)):
+        configured = config.get(key, "auto")
+        if configured != "auto" and configured != value:
+            raise ValueError(f"the DeepSpeed config's {key} is {configured}, but finetune's option is {value}: make "
+                             "them equal (or set it to 'auto')")
+        config[key] = value
 
 
 def shard_model(model, settings: CpuShardingSettings):
@@ -143,12 +154,17 @@ class ShardedTrainingState:
 def full_model_state_dict(model):
     """The unsharded weights on the main process (empty on the others): a collective, every process calls it.
 
-    Tied weights (input embeddings and LM head of SmolLM2) are gathered once per name, as separate tensors; they are
-    made one tensor again so that `save_pretrained` recognises the tie and writes the weight once.
+    Tied weights (input embeddings and LM head of SmolLM2) come back as one tensor (`retie`).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return retie(state, model)
+
+
+def retie(state: dict, model) -> dict:
+    """Make tied weights one tensor again in a gathered state dict (FSDP2 and DeepSpeed gather them once per name),
+    so that `save_pretrained` recognises the tie and writes the weight once."""
     if state:
         first_name = {}
         for name, param in model.named_parameters(remove_duplicate=False):

@@ -23,6 +23,8 @@ LR_SCHEDULERS = {"linear": "linear", "constant": "constant_with_warmup", "cosine
 STATE_FILE = "trainer_state.json"
 PROCESSES_FILE = "processes.json"  # in checkpoint-N: how its processes shared the work (FinetuneResult.distributed)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# processes whose training checkpoints only the same kind of run reads back (FinetuneResult.distributed)
+OWN_LAYOUT = ("FSDP2_CPU", "DEEPSPEED")
 
 
 def _int(name, value, minimum, allow_none=False):
@@ -273,26 +275,34 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, TrainerState, get_scheduler
 
+    from . import sequence_parallel as sp
     from .data import packed_dataset
     from .real_model import resolve_model
     from .sharding import (
         ShardedTrainingState,
-        check_no_sequence_parallelism,
         cpu_sharding_settings,
         full_tensor,
+        process_group_kwargs,
+        settle_deepspeed_config,
         shard_model,
     )
 
     model_path = resolve_model(str(opts.model))
 
-    check_no_sequence_parallelism()
+    sequence_parallel = sp.sequence_parallel_settings()
+    if sequence_parallel:
+        sp.check_options(sequence_parallel, opts.max_length, opts.separate_documents, opts.attn_implementation)
     accelerator = Accelerator(
         mixed_precision=opts.mixed_precision,
         # One optimizer step = exactly grad_accum micro-batches, across epoch ends too (so resume can count).
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=opts.grad_accum, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=process_group_kwargs(),
     )
     _check_process_count(accelerator)
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        settle_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, opts.batch_size, opts.grad_accum,
+                                opts.max_grad_norm)
     sharding = cpu_sharding_settings(accelerator.distributed_type.name, accelerator.mixed_precision)
     distributed = "FSDP2_CPU" if sharding else accelerator.distributed_type.name
     if opts.resume_from:
@@ -323,6 +333,10 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
         # prepares the data only, and saves model and optimizer through a gathered state.
         loader = accelerator.prepare(loader)
         accelerator.register_for_checkpointing(ShardedTrainingState(model, optimizer))
+    elif sequence_parallel:
+        # The data apart from the model, so that each epoch gets its own sequence-sharding adapter (sp.epoch_batches)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        loader = accelerator.prepare(loader)
     else:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces parameters in prepare
@@ -338,8 +352,11 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
         accelerator.load_state(opts.resume_from)
         state = _read_state(opts.resume_from)
         state.max_steps = opts.steps
-    micro_batches_per_epoch = len(loader)
-    tokens_per_micro_batch = opts.batch_size * opts.max_length * accelerator.num_processes
+    # Under sequence parallelism a micro-batch is 1/size of a sequence on every process of its group.
+    group_size = sequence_parallel.size if sequence_parallel else 1
+    micro_batches_per_epoch = len(loader) * group_size
+    data_parallel = accelerator.num_processes // group_size
+    tokens_per_micro_batch = opts.batch_size * opts.max_length * data_parallel
     micro_done = state.global_step * opts.grad_accum
     epoch, skip = divmod(micro_done, micro_batches_per_epoch)
 
@@ -352,11 +369,18 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
     grad_norm = None
     while state.global_step < opts.steps:
         loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        if sequence_parallel:
+            batches = sp.epoch_batches(accelerator, loader, model, skip, sequence_parallel.size)
+        else:
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         skip = 0
         for batch in batches:
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                if sequence_parallel:
+                    loss = sp.sequence_loss(model, batch, accelerator.state.deepspeed_plugin.zero_stage,
+                                            sequence_parallel.size)
+                else:
+                    loss = model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:  # explicit: the optimizer is not accelerate's when sharded here
                     if opts.max_grad_norm > 0:
@@ -400,8 +424,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
     state.log_history.append({
         "step": state.global_step, "epoch": round(state.epoch, 6), "train_runtime": round(runtime, 4),
         "train_loss": all_loss / max(all_micro, 1), "train_tokens_per_second": round(tokens_run / runtime, 3),
-        "train_samples_per_second": round(steps_run * opts.grad_accum * opts.batch_size
-                                          * accelerator.num_processes / runtime, 3),
+        "train_samples_per_second": round(steps_run * opts.grad_accum * opts.batch_size * data_parallel / runtime, 3),
         "train_steps_per_second": round(steps_run / runtime, 3)})
     trained = _save_final(accelerator, model, tokenizer, state, opts, use_cache, sharded=sharding is not None)
     return FinetuneResult(output_dir=str(opts.output_dir), model=trained, log_history=state.log_history,
@@ -419,17 +442,19 @@ def _check_process_count(accelerator):
         raise ValueError(f"launched as {launched} processes, but accelerate runs them as {accelerator.num_processes} "
                          f"({accelerator.distributed_type.name}): each would train on all the data and write the same "
                          "output. On CPU processes DDP and FSDP2 run with ACCELERATE_USE_CPU=true (configs/cpu_2proc.yaml,"
-                         " configs/fsdp_cpu.yaml); DeepSpeed needs GPUs")
+                         " configs/fsdp_cpu.yaml), DeepSpeed without it (configs/deepspeed_ulysses_cpu.yaml)")
 
 
 def _check_resume_layout(folder: Path, distributed: str):
-    """A checkpoint of a run sharded here (FSDP2_CPU) holds gathered state that only such a run reads back, and the
-    other way round; refused before loading instead of failing inside accelerate's load_state."""
+    """A checkpoint of a run sharded here (FSDP2_CPU) holds gathered state that only such a run reads back, one of
+    DeepSpeed its engine's shards, and the other way round; refused before loading instead of failing inside
+    accelerate's load_state."""
     marker = folder / PROCESSES_FILE
     written = json.loads(marker.read_text())["distributed"] if marker.is_file() else None
-    if (written == "FSDP2_CPU") != (distributed == "FSDP2_CPU"):
-        raise ValueError(f"resume_from {str(folder)!r} was written by a run with processes {written or 'not FSDP2_CPU'}"
-                         f"; this run's are {distributed}: resume it with the launch configuration that wrote it")
+    if (written in OWN_LAYOUT or distributed in OWN_LAYOUT) and written != distributed:
+        raise ValueError(f"resume_from {str(folder)!r} was written by a run with processes "
+                         f"{written or 'NO or MULTI_CPU'}; this run's are {distributed}: resume it with the launch "
+                         "configuration that wrote it")
 
 
 def _save_checkpoint(accelerator, state, folder: Path, distributed: str):
@@ -444,7 +469,7 @@ def _save_checkpoint(accelerator, state, folder: Path, distributed: str):
 def _save_final(accelerator, model, tokenizer, state, opts, use_cache, sharded):
     """One HF checkpoint, written by the main process into a staging folder and then moved into place."""
     from . import _compat
-    from .sharding import full_model_state_dict
+    from .sharding import full_model_state_dict, retie
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -455,7 +480,8 @@ def _save_final(accelerator, model, tokenizer, state, opts, use_cache, sharded):
     elif sharded:
         state_dict = full_model_state_dict(model)
     else:
-        state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards on the main process
+        # gathers FSDP / ZeRO shards on the main process
+        state_dict = retie(accelerator.get_state_dict(model), unwrapped)
     unwrapped.config.use_cache = use_cache
     if opts.gradient_checkpointing:
         _compat.disable_activation_checkpointing(unwrapped)

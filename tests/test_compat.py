@@ -103,7 +103,7 @@ def test_extend_context_refuses_before_any_change_when_a_contract_breaks(method,
 
 def test_a_newer_transformers_is_served_while_its_contracts_hold(monkeypatch, fresh_contracts):
     monkeypatch.setattr(longctx_compat, "_warned", [])
-    assert longctx_compat.is_newer_than_tested("5.99.0") and not longctx_compat.is_newer_than_tested("5.24.0")
+    assert longctx_compat.is_newer_than_tested("5.99.0") and not longctx_compat.is_newer_than_tested("5.25.0")
     assert not longctx_compat.is_newer_than_tested("5.0.0.dev0")
     monkeypatch.setattr(transformers, "__version__", "5.99.0")
     with pytest.warns(UserWarning, match="passed its contract check"):

@@ -213,10 +213,12 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def launch_two_cpu_processes(config, tiny_checkpoint, output, *finetune_args):
-    """A real `accelerate launch` of two gloo processes through the CLI module entry point."""
+def launch_two_cpu_processes(config, tiny_checkpoint, output, *finetune_args, use_cpu=True):
+    """A real `accelerate launch` of two gloo processes through the CLI module entry point (`use_cpu=False` for
+    DeepSpeed, which ACCELERATE_USE_CPU would turn off)."""
     port = free_port()
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **({"ACCELERATE_USE_CPU": "true"} if use_cpu else {}))
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                str(REPO / "configs" / config), "--num_processes", "2", "--main_process_port", str(port),
                "-m", "longctx_hf.cli", "finetune", str(tiny_checkpoint), "--method", "yarn", "--factor", "2",
@@ -435,15 +437,100 @@ def test_dynamic_yarn_trains_past_the_pretrained_length_and_ships_its_code(tiny_
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
 
 
-def test_sequence_and_context_parallelism_are_refused():
-    """The loop does not aggregate the loss over sequence shards: a launch that splits sequences is refused."""
-    from longctx_hf.sharding import check_no_sequence_parallelism
+def test_deepspeed_ulysses_on_two_cpu_processes_trains_as_one_process(tied_checkpoint, tmp_path):
+    """configs/deepspeed_ulysses_cpu.yaml: ZeRO-3 with every sequence split over two processes (DeepSpeed Ulysses)
+    gives one process's losses, gradient norms and weights on the same sequences, resumes exactly from a checkpoint
+    taken half-way through a group of shards, and saves a plain model that keeps its tied weights tied."""
+    pytest.importorskip("deepspeed")
+    single = finetune(**options(tied_checkpoint, tmp_path / "single", data=str(STDLIB / "json"), steps=4,
+                                learning_rate=1e-3, separate_documents=False))
+    split = tmp_path / "ulysses"
+    arguments = ("--steps", "4", "--no-separate-documents")
+    out = launch_two_cpu_processes("deepspeed_ulysses_cpu.yaml", tied_checkpoint, split, *arguments,
+                                   "--save-steps", "3", use_cpu=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("saved ") == 1 and "(processes: DEEPSPEED)" in out.stdout, out.stdout
 
-    launch = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_SP_SIZE": "2",
-              "PARALLELISM_CONFIG_CP_SIZE": "1"}
-    with pytest.raises(ValueError, match=r"parallelism_config_sp_size 2: sequence parallelism \(DeepSpeed Ulysses\)"):
-        check_no_sequence_parallelism(launch)
-    with pytest.raises(ValueError, match=r"parallelism_config_cp_size 4: context parallelism \(torch\)"):
-        check_no_sequence_parallelism({**launch, "PARALLELISM_CONFIG_SP_SIZE": "1", "PARALLELISM_CONFIG_CP_SIZE": "4"})
-    check_no_sequence_parallelism({**launch, "PARALLELISM_CONFIG_SP_SIZE": "1"})  # data parallel only: accepted
-    check_no_sequence_parallelism({})
+    expected = [e for e in single.log_history if "loss" in e]
+    assert [e["step"] for e in logged(split)] == [1, 2, 3, 4]
+    assert [e["loss"] for e in logged(split)] == pytest.approx([e["loss"] for e in expected], rel=1e-6)
+    assert [e["grad_norm"] for e in logged(split)] == pytest.approx([e["grad_norm"] for e in expected], rel=1e-5)
+    state = json.loads((split / "trainer_state.json").read_text())
+    assert state["num_input_tokens_seen"] == 4 * 64  # one sequence per step, not one per process
+    trained, base = load_file(split / "model.safetensors"), load_file(tied_checkpoint / "model.safetensors")
+    single_weights = load_file(tmp_path / "single" / "model.safetensors")
+    assert trained.keys() == single_weights.keys() == base.keys() and "lm_head.weight" not in trained
+    for name in trained:
+        torch.testing.assert_close(trained[name], single_weights[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(trained["model.layers.1.mlp.down_proj.weight"], base["model.layers.1.mlp.down_proj.weight"])
+
+    # checkpoint-3 is three sequences in: one whole group of two shards and one shard of the next are skipped
+    checkpoint = split / "checkpoint-3"
+    assert json.loads((checkpoint / "processes.json").read_text()) == {"distributed": "DEEPSPEED"}
+    resumed = tmp_path / "resumed"
+    out = launch_two_cpu_processes("deepspeed_ulysses_cpu.yaml", tied_checkpoint, resumed, *arguments,
+                                   "--resume-from", str(checkpoint), use_cpu=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [(e["step"], e["loss"]) for e in logged(resumed)] == [(e["step"], e["loss"]) for e in logged(split)]
+    again = load_file(resumed / "model.safetensors")
+    for name in trained:
+        torch.testing.assert_close(again[name], trained[name], rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="written by a run with processes DEEPSPEED; this run's are NO"):
+        finetune(**options(tied_checkpoint, tmp_path / "other", data=str(STDLIB / "json"), steps=4,
+                           separate_documents=False, resume_from=str(checkpoint)))
+
+    reloaded = run_json(RELOAD_LOGITS, split, cwd=tmp_path)
+    with torch.no_grad():
+        expected_logits = single.model.eval()(torch.tensor(reloaded["ids"])).logits
+    assert reloaded["rope"]["rope_type"] == "yarn" and reloaded["tied"]
+    torch.testing.assert_close(torch.tensor(reloaded["logits"]), expected_logits, rtol=1e-4, atol=1e-5)
+
+
+ULYSSES = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "ACCELERATE_USE_DEEPSPEED": "true",
+           "PARALLELISM_CONFIG_SP_SIZE": "2", "PARALLELISM_CONFIG_CP_SIZE": "1",
+           "PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION": "sdpa"}
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({**ULYSSES, "PARALLELISM_CONFIG_SP_SIZE": "1", "PARALLELISM_CONFIG_CP_SIZE": "4"},
+     r"parallelism_config_cp_size 4: context parallelism \(torch\) is not supported"),
+    ({**ULYSSES, "ACCELERATE_USE_DEEPSPEED": "false"}, "sequence parallelism runs on DeepSpeed"),
+    ({**ULYSSES, "PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION": "eager"}, "'eager': finetune supports sdpa"),
+])
+def test_launches_sequence_parallelism_cannot_run_exactly_are_refused(environ, message):
+    from longctx_hf.sequence_parallel import sequence_parallel_settings
+
+    with pytest.raises(ValueError, match=message):
+        sequence_parallel_settings(environ)
+
+
+def test_sequence_parallel_options_are_checked():
+    """Before anything is loaded: packed documents under sdpa (which gets no mask there), sequences that do not split
+    evenly, another attention than the one the launch registers."""
+    from longctx_hf.sequence_parallel import SequenceParallelSettings, check_options, sequence_parallel_settings
+
+    assert sequence_parallel_settings({**ULYSSES, "PARALLELISM_CONFIG_SP_SIZE": "1"}) is None  # data parallel only
+    assert sequence_parallel_settings({}) is None
+    sdpa = SequenceParallelSettings(size=2, attention="sdpa")
+    with pytest.raises(ValueError, match="separate_documents=True needs an attention that reads document starts"):
+        check_options(sdpa, 64, True, None)
+    with pytest.raises(ValueError, match="max_length 63 must be a multiple of parallelism_config_sp_size 2"):
+        check_options(sdpa, 63, False, None)
+    with pytest.raises(ValueError, match="attn_implementation 'eager': under sequence parallelism the attention is"):
+        check_options(sdpa, 64, False, "eager")
+    check_options(sdpa, 64, False, "sdpa")
+    check_options(SequenceParallelSettings(size=2, attention="flash_attention_2"), 64, True, None)
+
+
+def test_deepspeed_config_agrees_with_the_options():
+    """DeepSpeed accumulates and clips itself: a config that disagrees with finetune's options is refused, 'auto'
+    (or unset) takes the option's value."""
+    from longctx_hf.sharding import settle_deepspeed_config
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 2}
+    settle_deepspeed_config(config, batch_size=1, grad_accum=2, max_grad_norm=0.5)
+    assert config == {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "gradient_clipping": 0.5}
+    with pytest.raises(ValueError, match="gradient_accumulation_steps is 1, but finetune's option is 4"):
+        settle_deepspeed_config({"gradient_accumulation_steps": 1}, batch_size=1, grad_accum=4, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="gradient_clipping is 1.0, but finetune's option is 0"):
+        settle_deepspeed_config({"gradient_clipping": 1.0}, batch_size=1, grad_accum=1, max_grad_norm=0)
