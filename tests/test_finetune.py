@@ -486,6 +486,33 @@ def test_deepspeed_ulysses_on_two_cpu_processes_trains_as_one_process(tied_check
     torch.testing.assert_close(torch.tensor(reloaded["logits"]), expected_logits, rtol=1e-4, atol=1e-5)
 
 
+def test_deepspeed_zero3_on_two_cpu_processes_trains_as_one_process(tied_checkpoint, tmp_path):
+    """The ZeRO-3 settings of configs/deepspeed_zero3.yaml (GPU) on two CPU processes, data parallel: DeepSpeed
+    accumulates, clips and gathers the weights for the final save; one step is two blocks, one per process, as one
+    process accumulating the same two blocks."""
+    pytest.importorskip("deepspeed")
+    import yaml
+
+    launch = yaml.safe_load((REPO / "configs" / "deepspeed_ulysses_cpu.yaml").read_text())
+    del launch["parallelism_config"]
+    config = tmp_path / "zero3_cpu.yaml"
+    config.write_text(yaml.safe_dump(launch))
+    single = finetune(**options(tied_checkpoint, tmp_path / "single", data=str(STDLIB / "json"), steps=3,
+                                grad_accum=2, learning_rate=1e-3))
+    out = launch_two_cpu_processes(config, tied_checkpoint, tmp_path / "zero3", "--steps", "3", use_cpu=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("saved ") == 1 and "(processes: DEEPSPEED)" in out.stdout, out.stdout
+    expected = [e for e in single.log_history if "loss" in e]
+    assert [e["loss"] for e in logged(tmp_path / "zero3")] == pytest.approx([e["loss"] for e in expected], rel=1e-6)
+    assert [e["grad_norm"] for e in logged(tmp_path / "zero3")] == pytest.approx(
+        [e["grad_norm"] for e in expected], rel=1e-5)
+    trained, single_weights = load_file(tmp_path / "zero3" / "model.safetensors"), load_file(
+        tmp_path / "single" / "model.safetensors")
+    assert trained.keys() == single_weights.keys() and "lm_head.weight" not in trained
+    for name in trained:
+        torch.testing.assert_close(trained[name], single_weights[name], rtol=1e-5, atol=1e-6)
+
+
 ULYSSES = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "ACCELERATE_USE_DEEPSPEED": "true",
            "PARALLELISM_CONFIG_SP_SIZE": "2", "PARALLELISM_CONFIG_CP_SIZE": "1",
            "PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION": "sdpa"}
