@@ -91,12 +91,17 @@ def deepspeed_sequence_parallel_group():
     return groups._get_sequence_parallel_group()
 
 
-def deepspeed_averages_sequence_parallel_gradients(zero_stage: int) -> bool:
-    """Whether DeepSpeed averages (rather than sums) gradients over the sequence-parallel group: ZeRO-3 before
-    deepspeed 0.20.2 does (deepspeedai/DeepSpeed#8854, as transformers 5.25's Trainer reads it). Checked by
-    tests/test_finetune.py against one process, with the deepspeed the tests install."""
+def deepspeed_sequence_parallel_reduction(zero_optimization: dict) -> str | None:
+    """How DeepSpeed reduces gradients over the sequence-parallel group: "sum", or "mean" for ZeRO-3 before
+    deepspeed 0.20.2 (deepspeedai/DeepSpeed#8854, as transformers 5.25's Trainer reads it); None where that
+    release mixes the two (ZeRO-3, reduce_scatter off, contiguous_gradients on). Checked by tests/test_finetune.py
+    against one process for ZeRO-3, with the deepspeed the tests install."""
     import importlib.metadata
 
     from packaging.version import Version
 
-    return zero_stage == 3 and Version(importlib.metadata.version("deepspeed")) < Version("0.20.2")
+    if zero_optimization.get("stage", 0) != 3 or Version(importlib.metadata.version("deepspeed")) >= Version("0.20.2"):
+        return "sum"
+    if not zero_optimization.get("reduce_scatter", True) and zero_optimization.get("contiguous_gradients", True):
+        return None
+    return "mean"

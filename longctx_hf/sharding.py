@@ -17,7 +17,8 @@ from dataclasses import dataclass
 SUPPORTED_WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "NO_WRAP")
 
 
-def _flag(environ, name, default):
+def launch_flag(environ, name, default="false"):
+    """A true/false setting `accelerate launch` passes in the environment."""
     return environ.get(name, default).strip().lower() in ("1", "true", "yes")
 
 
@@ -36,15 +37,15 @@ def cpu_sharding_settings(distributed_type: str, mixed_precision: str, environ=o
     `distributed_type` is accelerate's (`accelerator.distributed_type.name`), `mixed_precision` the one in effect,
     `environ` what `accelerate launch` set. Raises a ValueError for FSDP settings this path cannot honour.
     """
-    if not _flag(environ, "ACCELERATE_USE_FSDP", "false") or distributed_type != "MULTI_CPU":
+    if not launch_flag(environ, "ACCELERATE_USE_FSDP", "false") or distributed_type != "MULTI_CPU":
         return None
     version = environ.get("FSDP_VERSION", "1").strip()
     if version != "2":
         raise ValueError(f"FSDP on CPU processes runs torch's FSDP2 (fully_shard) only; the accelerate config asks "
                          f"for fsdp_version {version}: set `fsdp_version: 2` in its fsdp_config")
-    if _flag(environ, "FSDP_OFFLOAD_PARAMS", "false"):
+    if launch_flag(environ, "FSDP_OFFLOAD_PARAMS", "false"):
         raise ValueError("fsdp_offload_params: true has nothing to offload to on CPU processes; set it to false")
-    if _flag(environ, "FSDP_ACTIVATION_CHECKPOINTING", "false"):
+    if launch_flag(environ, "FSDP_ACTIVATION_CHECKPOINTING", "false"):
         raise ValueError("fsdp_activation_checkpointing is not applied on CPU processes; set it to false and pass "
                          "--gradient-checkpointing (transformers' own) instead")
     if mixed_precision != "no":
@@ -65,35 +66,6 @@ def cpu_sharding_settings(distributed_type: str, mixed_precision: str, environ=o
                          f"{', '.join(SUPPORTED_WRAP_POLICIES)}")
     classes = tuple(c.strip() for c in environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip())
     return CpuShardingSettings(reshard_after_forward=reshard == "true", wrap_policy=policy, layer_classes=classes)
-
-
-def process_group_kwargs(environ=os.environ) -> list:
-    """accelerate's kwargs handlers for this launch: the gloo backend for DeepSpeed on a machine without a GPU.
-
-    accelerate (1.15, 1.16) takes the process-group backend from the accelerator; with none, a DeepSpeed launch gets
-    no backend, and every process runs alone (`num_processes` 1). DeepSpeed itself runs on CPU processes over gloo
-    (its CPU accelerator), which is what these processes are then given.
-    """
-    import torch
-    from accelerate.utils import InitProcessGroupKwargs
-
-    if _flag(environ, "ACCELERATE_USE_DEEPSPEED", "false") and not torch.accelerator.is_available():
-        return [InitProcessGroupKwargs(backend="gloo")]
-    return []
-
-
-def settle_deepspeed_config(config: dict, batch_size: int, grad_accum: int, max_grad_norm: float):
-    """Make the DeepSpeed config agree with finetune's options, or refuse: DeepSpeed, not this loop, accumulates and
-    clips, so a config that says otherwise would silently win. 'auto' (or unset) takes the option's value; the
-    micro-batch size is filled in because under sequence parallelism the model is prepared without the data loader,
-    which is where accelerate would read it."""
-    for key, value in (("train_micro_batch_size_per_gpu", batch_size), ("gradient_accumulation_steps", grad_accum),
-                       ("gradient_clipping", max_grad_norm)):
-        configured = config.get(key, "auto")
-        if configured != "auto" and configured != value:
-            raise ValueError(f"the DeepSpeed config's {key} is {configured}, but finetune's option is {value}: make "
-                             "them equal (or set it to 'auto')")
-        config[key] = value
 
 
 def shard_model(model, settings: CpuShardingSettings):

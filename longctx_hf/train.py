@@ -248,14 +248,14 @@ def _add_lora(model, opts):
     return model
 
 
-def _load_for_training(opts, model_path):
+def _load_for_training(opts, model_path, attn_implementation):
     """The extended model ready to train (float32 weights; autocast comes from accelerate), and its use_cache."""
     import torch
 
     from . import _compat
     from .patch import extend_context, from_pretrained
 
-    model = from_pretrained(model_path, dtype=torch.float32, attn_implementation=opts.attn_implementation)
+    model = from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn_implementation)
     extend_context(model, opts.method, opts.factor, target_length=opts.target_length, **opts.method_options)
     use_cache = model.config.use_cache
     model.config.use_cache = False  # also what lets transformers read packed documents from position_ids
@@ -273,25 +273,26 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import GradientAccumulationPlugin, set_seed
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, TrainerState, get_scheduler
+    from transformers import AutoConfig, AutoTokenizer, TrainerState, get_scheduler
 
     from . import sequence_parallel as sp
     from .data import packed_dataset
+    from .deepspeed_launch import process_group_kwargs, settle_deepspeed_config
     from .real_model import resolve_model
     from .sharding import (
         ShardedTrainingState,
         cpu_sharding_settings,
         full_tensor,
-        process_group_kwargs,
-        settle_deepspeed_config,
         shard_model,
     )
 
     model_path = resolve_model(str(opts.model))
 
     sequence_parallel = sp.sequence_parallel_settings()
+    attn_implementation = opts.attn_implementation
     if sequence_parallel:
-        sp.check_options(sequence_parallel, opts.max_length, opts.separate_documents, opts.attn_implementation)
+        sp.check_options(sequence_parallel, opts, AutoConfig.from_pretrained(model_path))
+        attn_implementation = sequence_parallel.attention  # the one DeepSpeed's Ulysses attention wraps
     accelerator = Accelerator(
         mixed_precision=opts.mixed_precision,
         # One optimizer step = exactly grad_accum micro-batches, across epoch ends too (so resume can count).
@@ -302,11 +303,13 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
     _check_process_count(accelerator)
     if accelerator.distributed_type.name == "DEEPSPEED":
         settle_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, opts.batch_size, opts.grad_accum,
-                                opts.max_grad_norm)
+                                opts.max_grad_norm, opts.mixed_precision, accelerator.mixed_precision)
     sharding = cpu_sharding_settings(accelerator.distributed_type.name, accelerator.mixed_precision)
     distributed = "FSDP2_CPU" if sharding else accelerator.distributed_type.name
+    # how the processes share the work: what a training checkpoint records, and what resuming it needs
+    layout = {"distributed": distributed, "sequence_parallel": sequence_parallel.size if sequence_parallel else 1}
     if opts.resume_from:
-        _check_resume_layout(Path(opts.resume_from), distributed)
+        _check_resume_layout(Path(opts.resume_from), layout)
     if opts.lora and (accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") or sharding):
         raise ValueError(f"lora=True is not supported under {'FSDP' if sharding else accelerator.distributed_type.name}"
                          ": merging needs the full adapters on one process; fine-tune without LoRA there")
@@ -314,7 +317,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dataset = packed_dataset(opts.data, tokenizer, opts.max_length, opts.separate_documents, opts.text_column)
 
-    model, use_cache = _load_for_training(opts, model_path)
+    model, use_cache = _load_for_training(opts, model_path, attn_implementation)
     if sharding:
         model = shard_model(model, sharding)  # before the optimizer is built: it must hold the sharded parameters
 
@@ -337,6 +340,8 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
         # The data apart from the model, so that each epoch gets its own sequence-sharding adapter (sp.epoch_batches)
         model, optimizer = accelerator.prepare(model, optimizer)
         loader = accelerator.prepare(loader)
+        gradient_scale = sp.gradient_scale(sequence_parallel,
+                                           accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"])
     else:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces parameters in prepare
@@ -377,8 +382,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
         for batch in batches:
             with accelerator.accumulate(model):
                 if sequence_parallel:
-                    loss = sp.sequence_loss(model, batch, accelerator.state.deepspeed_plugin.zero_stage,
-                                            sequence_parallel.size)
+                    loss = sp.sequence_loss(model, batch, gradient_scale)
                 else:
                     loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -413,7 +417,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
             if opts.save_steps and state.global_step % opts.save_steps == 0 and state.global_step < opts.steps:
                 _save_checkpoint(accelerator, state, Path(opts.output_dir) / f"checkpoint-{state.global_step}",
-                                 distributed)
+                                 layout)
             if state.global_step >= opts.steps:
                 break
         epoch += 1
@@ -445,24 +449,31 @@ def _check_process_count(accelerator):
                          " configs/fsdp_cpu.yaml), DeepSpeed without it (configs/deepspeed_ulysses_cpu.yaml)")
 
 
-def _check_resume_layout(folder: Path, distributed: str):
+def _check_resume_layout(folder: Path, layout: dict):
     """A checkpoint of a run sharded here (FSDP2_CPU) holds gathered state that only such a run reads back, one of
-    DeepSpeed its engine's shards, and the other way round; refused before loading instead of failing inside
-    accelerate's load_state."""
+    DeepSpeed its engine's shards, and the other way round; and a run that splits sequences over N processes counts
+    its micro-batches in sequences shared by N. Refused before loading instead of failing inside accelerate's
+    load_state, or skipping the wrong batches."""
     marker = folder / PROCESSES_FILE
-    written = json.loads(marker.read_text())["distributed"] if marker.is_file() else None
-    if (written in OWN_LAYOUT or distributed in OWN_LAYOUT) and written != distributed:
+    written = json.loads(marker.read_text()) if marker.is_file() else {}
+    distributed, written_distributed = layout["distributed"], written.get("distributed")
+    if (written_distributed in OWN_LAYOUT or distributed in OWN_LAYOUT) and written_distributed != distributed:
         raise ValueError(f"resume_from {str(folder)!r} was written by a run with processes "
-                         f"{written or 'NO or MULTI_CPU'}; this run's are {distributed}: resume it with the launch "
-                         "configuration that wrote it")
+                         f"{written_distributed or 'NO or MULTI_CPU'}; this run's are {distributed}: resume it with "
+                         "the launch configuration that wrote it")
+    if written.get("sequence_parallel", 1) != layout["sequence_parallel"]:
+        raise ValueError(f"resume_from {str(folder)!r} was written by a run that split every sequence over "
+                         f"{written.get('sequence_parallel', 1)} processes; this run splits them over "
+                         f"{layout['sequence_parallel']}: resume it with the launch configuration that wrote it")
 
 
-def _save_checkpoint(accelerator, state, folder: Path, distributed: str):
-    """accelerate's full training state (model, optimizer, scheduler, RNG, sampler) plus our trainer_state.json."""
+def _save_checkpoint(accelerator, state, folder: Path, layout: dict):
+    """accelerate's full training state (model, optimizer, scheduler, RNG, sampler) plus our trainer_state.json and
+    the processes' layout."""
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
         state.save_to_json(str(folder / STATE_FILE))
-        (folder / PROCESSES_FILE).write_text(json.dumps({"distributed": distributed}) + "\n")
+        (folder / PROCESSES_FILE).write_text(json.dumps(layout) + "\n")
     accelerator.wait_for_everyone()
 
 

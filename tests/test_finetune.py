@@ -1,4 +1,5 @@
 """`longctx-hf finetune`: packing, the accelerate loop, resume, LoRA merge, two CPU processes, plain reload."""
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -290,7 +291,7 @@ def test_fsdp2_on_two_cpu_processes_trains_as_one_process(tied_checkpoint, tmp_p
     # The training checkpoint holds the gathered (full-shape) model and optimizer state, taken by every rank.
     checkpoint = sharded / "checkpoint-2"
     assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= set(os.listdir(checkpoint))
-    assert json.loads((checkpoint / "processes.json").read_text()) == {"distributed": "FSDP2_CPU"}
+    assert json.loads((checkpoint / "processes.json").read_text()) == {"distributed": "FSDP2_CPU", "sequence_parallel": 1}
     gathered = [torch.load(path, weights_only=False) for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl"))]
     state = next(s for s in gathered if set(s) == {"model", "optimizer"})
     assert {k: tuple(v.shape) for k, v in state["model"].items() if k != "lm_head.weight"} == {
@@ -466,7 +467,7 @@ def test_deepspeed_ulysses_on_two_cpu_processes_trains_as_one_process(tied_check
 
     # checkpoint-3 is three sequences in: one whole group of two shards and one shard of the next are skipped
     checkpoint = split / "checkpoint-3"
-    assert json.loads((checkpoint / "processes.json").read_text()) == {"distributed": "DEEPSPEED"}
+    assert json.loads((checkpoint / "processes.json").read_text()) == {"distributed": "DEEPSPEED", "sequence_parallel": 2}
     resumed = tmp_path / "resumed"
     out = launch_two_cpu_processes("deepspeed_ulysses_cpu.yaml", tied_checkpoint, resumed, *arguments,
                                    "--resume-from", str(checkpoint), use_cpu=False)
@@ -488,18 +489,20 @@ def test_deepspeed_ulysses_on_two_cpu_processes_trains_as_one_process(tied_check
 
 def test_deepspeed_zero3_on_two_cpu_processes_trains_as_one_process(tied_checkpoint, tmp_path):
     """The ZeRO-3 settings of configs/deepspeed_zero3.yaml (GPU) on two CPU processes, data parallel: DeepSpeed
-    accumulates, clips and gathers the weights for the final save; one step is two blocks, one per process, as one
-    process accumulating the same two blocks."""
+    accumulates, clips and gathers the weights for the final save; one step is four blocks, two accumulated on each
+    process, as one process accumulating the same four blocks."""
     pytest.importorskip("deepspeed")
     import yaml
 
     launch = yaml.safe_load((REPO / "configs" / "deepspeed_ulysses_cpu.yaml").read_text())
     del launch["parallelism_config"]
+    launch["deepspeed_config"]["gradient_accumulation_steps"] = 2
     config = tmp_path / "zero3_cpu.yaml"
     config.write_text(yaml.safe_dump(launch))
     single = finetune(**options(tied_checkpoint, tmp_path / "single", data=str(STDLIB / "json"), steps=3,
-                                grad_accum=2, learning_rate=1e-3))
-    out = launch_two_cpu_processes(config, tied_checkpoint, tmp_path / "zero3", "--steps", "3", use_cpu=False)
+                                grad_accum=4, learning_rate=1e-3))
+    out = launch_two_cpu_processes(config, tied_checkpoint, tmp_path / "zero3", "--steps", "3", "--grad-accum", "2",
+                                   use_cpu=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("saved ") == 1 and "(processes: DEEPSPEED)" in out.stdout, out.stdout
     expected = [e for e in single.log_history if "loss" in e]
@@ -513,8 +516,8 @@ def test_deepspeed_zero3_on_two_cpu_processes_trains_as_one_process(tied_checkpo
         torch.testing.assert_close(trained[name], single_weights[name], rtol=1e-5, atol=1e-6)
 
 
-ULYSSES = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "ACCELERATE_USE_DEEPSPEED": "true",
-           "PARALLELISM_CONFIG_SP_SIZE": "2", "PARALLELISM_CONFIG_CP_SIZE": "1",
+ULYSSES = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2",
+           "PARALLELISM_CONFIG_SP_SIZE": "2", "PARALLELISM_CONFIG_CP_SIZE": "1", "PARALLELISM_CONFIG_DP_SHARD_SIZE": "1",
            "PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION": "sdpa"}
 
 
@@ -523,6 +526,8 @@ ULYSSES = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "ACCELERATE_USE_DEEPSPEE
      r"parallelism_config_cp_size 4: context parallelism \(torch\) is not supported"),
     ({**ULYSSES, "ACCELERATE_USE_DEEPSPEED": "false"}, "sequence parallelism runs on DeepSpeed"),
     ({**ULYSSES, "PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION": "eager"}, "'eager': finetune supports sdpa"),
+    ({k: v for k, v in ULYSSES.items() if k != "PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION"}, "'unset': finetune"),
+    ({**ULYSSES, "WORLD_SIZE": "4"}, "must equal the 4 processes launched: set parallelism_config_dp_shard_size to 2"),
 ])
 def test_launches_sequence_parallelism_cannot_run_exactly_are_refused(environ, message):
     from longctx_hf.sequence_parallel import sequence_parallel_settings
@@ -531,33 +536,75 @@ def test_launches_sequence_parallelism_cannot_run_exactly_are_refused(environ, m
         sequence_parallel_settings(environ)
 
 
-def test_sequence_parallel_options_are_checked():
-    """Before anything is loaded: packed documents under sdpa (which gets no mask there), sequences that do not split
-    evenly, another attention than the one the launch registers."""
+def test_sequence_parallel_options_are_checked(tmp_path):
+    """Before anything is loaded: packed documents or a sliding window under sdpa (which gets no mask there),
+    sequences or heads that do not split evenly, another attention than the launch's, attention runtimes."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig
+
     from longctx_hf.sequence_parallel import SequenceParallelSettings, check_options, sequence_parallel_settings
+    from longctx_hf.train import FinetuneOptions
 
     assert sequence_parallel_settings({**ULYSSES, "PARALLELISM_CONFIG_SP_SIZE": "1"}) is None  # data parallel only
     assert sequence_parallel_settings({}) is None
     sdpa = SequenceParallelSettings(size=2, attention="sdpa")
-    with pytest.raises(ValueError, match="separate_documents=True needs an attention that reads document starts"):
-        check_options(sdpa, 64, True, None)
-    with pytest.raises(ValueError, match="max_length 63 must be a multiple of parallelism_config_sp_size 2"):
-        check_options(sdpa, 63, False, None)
-    with pytest.raises(ValueError, match="attn_implementation 'eager': under sequence parallelism the attention is"):
-        check_options(sdpa, 64, False, "eager")
-    check_options(sdpa, 64, False, "sdpa")
-    check_options(SequenceParallelSettings(size=2, attention="flash_attention_2"), 64, True, None)
+    opts = FinetuneOptions(model="unused", method="yarn", output_dir=str(tmp_path), data=str(TEXT), max_length=64,
+                           steps=1, factor=2, separate_documents=False)
+    llama = AutoConfig.for_model("llama", num_attention_heads=4, num_key_value_heads=2)
+    check_options(sdpa, opts, llama)
+    check_options(sdpa, replace(opts, attn_implementation="sdpa"), llama)
+    for bad, config, message in [
+        (replace(opts, separate_documents=True), llama, "separate_documents=True needs an attention that reads"),
+        (replace(opts, max_length=63), llama, "max_length 63 must be a multiple of parallelism_config_sp_size 2"),
+        (replace(opts, attn_implementation="eager"), llama, "'eager': under sequence parallelism the attention is"),
+        (replace(opts, method="dynamic_yarn"), llama, "method 'dynamic_yarn' runs its own attention runtime"),
+        (opts, AutoConfig.for_model("mistral", sliding_window=32), r"mistral attends within a sliding window \(32\)"),
+        (opts, AutoConfig.for_model("llama", num_attention_heads=4, num_key_value_heads=3), "divide the 4 attention"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_options(sdpa, bad, config)
+    check_options(sdpa, opts, AutoConfig.for_model("mistral", sliding_window=64))  # the window covers max_length
+    check_options(sdpa, opts, AutoConfig.for_model("qwen2", sliding_window=32, use_sliding_window=False))
+    flash = SequenceParallelSettings(size=2, attention="flash_attention_2")
+    check_options(flash, replace(opts, separate_documents=True), AutoConfig.for_model("mistral", sliding_window=32))
+
+
+def test_deepspeed_gradient_reduction_over_the_sequence_group():
+    """ZeRO-3 before deepspeed 0.20.2 averages gradients over the group (each share is scaled by its size), other
+    stages sum them; the one mixed case is refused."""
+    pytest.importorskip("deepspeed")
+    from packaging.version import Version
+
+    from longctx_hf.sequence_parallel import SequenceParallelSettings, gradient_scale
+
+    settings = SequenceParallelSettings(size=2, attention="sdpa")
+    averaging = Version(importlib.metadata.version("deepspeed")) < Version("0.20.2")
+    assert gradient_scale(settings, {"stage": 3}) == (2.0 if averaging else 1.0)
+    assert gradient_scale(settings, {"stage": 2, "reduce_scatter": False}) == 1.0
+    if averaging:
+        with pytest.raises(ValueError, match="reduce_scatter: false and contiguous_gradients: true"):
+            gradient_scale(settings, {"stage": 3, "reduce_scatter": False})
 
 
 def test_deepspeed_config_agrees_with_the_options():
-    """DeepSpeed accumulates and clips itself: a config that disagrees with finetune's options is refused, 'auto'
-    (or unset) takes the option's value."""
-    from longctx_hf.sharding import settle_deepspeed_config
+    """DeepSpeed accumulates, clips, and with config sections of its own builds the optimizer, the schedule and the
+    mixed precision: a config that disagrees with finetune's options is refused, 'auto' (or unset) takes the
+    option's value."""
+    from longctx_hf.deepspeed_launch import settle_deepspeed_config
 
-    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 2}
-    settle_deepspeed_config(config, batch_size=1, grad_accum=2, max_grad_norm=0.5)
-    assert config == {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "gradient_clipping": 0.5}
-    with pytest.raises(ValueError, match="gradient_accumulation_steps is 1, but finetune's option is 4"):
-        settle_deepspeed_config({"gradient_accumulation_steps": 1}, batch_size=1, grad_accum=4, max_grad_norm=1.0)
-    with pytest.raises(ValueError, match="gradient_clipping is 1.0, but finetune's option is 0"):
-        settle_deepspeed_config({"gradient_clipping": 1.0}, batch_size=1, grad_accum=1, max_grad_norm=0)
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 2, **zero3}
+    settle_deepspeed_config(config, 1, 2, 0.5, None, "no")
+    assert config == {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "gradient_clipping": 0.5,
+                      **zero3}
+    for config, options, message in [
+        ({"gradient_accumulation_steps": 1}, (1, 4, 1.0, None, "no"), "gradient_accumulation_steps is 1, but .* 4"),
+        ({"gradient_clipping": 1.0}, (1, 1, 0, None, "no"), "gradient_clipping is 1.0, but finetune's option is 0"),
+        ({"scheduler": {"type": "WarmupLR"}}, (1, 1, 1.0, None, "no"), "config's 'scheduler' section"),
+        ({"optimizer": {"type": "AdamW"}}, (1, 1, 1.0, None, "no"), "config's 'optimizer' section"),
+        ({}, (1, 1, 1.0, "no", "bf16"), "mixed_precision 'no', but the DeepSpeed config trains in 'bf16'"),
+        ({"zero_optimization": {"stage": 3}}, (1, 1, 1.0, None, "no"), "ZeRO-3 without zero3_save_16bit_model"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            settle_deepspeed_config(config, *options)
