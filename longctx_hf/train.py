@@ -270,53 +270,24 @@ def _load_for_training(opts, model_path, attn_implementation):
 def run(opts: FinetuneOptions) -> FinetuneResult:
     """Train with already checked options (see `check_options`)."""
     import torch
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoTokenizer, TrainerState, get_scheduler
+    from transformers import AutoTokenizer, TrainerState, get_scheduler
 
     from . import sequence_parallel as sp
     from .data import packed_dataset
-    from .deepspeed_launch import process_group_kwargs, settle_deepspeed_config
     from .real_model import resolve_model
-    from .sharding import (
-        ShardedTrainingState,
-        cpu_sharding_settings,
-        full_tensor,
-        shard_model,
-    )
+    from .sharding import full_tensor, shard_model
 
     model_path = resolve_model(str(opts.model))
-
-    sequence_parallel = sp.sequence_parallel_settings()
-    attn_implementation = opts.attn_implementation
-    if sequence_parallel:
-        sp.check_options(sequence_parallel, opts, AutoConfig.from_pretrained(model_path))
-        attn_implementation = sequence_parallel.attention  # the one DeepSpeed's Ulysses attention wraps
-    accelerator = Accelerator(
-        mixed_precision=opts.mixed_precision,
-        # One optimizer step = exactly grad_accum micro-batches, across epoch ends too (so resume can count).
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=opts.grad_accum, sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=process_group_kwargs(),
-    )
-    _check_process_count(accelerator)
-    if accelerator.distributed_type.name == "DEEPSPEED":
-        settle_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, opts.batch_size, opts.grad_accum,
-                                opts.max_grad_norm, opts.mixed_precision, accelerator.mixed_precision)
-    sharding = cpu_sharding_settings(accelerator.distributed_type.name, accelerator.mixed_precision)
-    distributed = "FSDP2_CPU" if sharding else accelerator.distributed_type.name
-    # how the processes share the work: what a training checkpoint records, and what resuming it needs
-    layout = {"distributed": distributed, "sequence_parallel": sequence_parallel.size if sequence_parallel else 1}
-    if opts.resume_from:
-        _check_resume_layout(Path(opts.resume_from), layout)
-    if opts.lora and (accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") or sharding):
-        raise ValueError(f"lora=True is not supported under {'FSDP' if sharding else accelerator.distributed_type.name}"
-                         ": merging needs the full adapters on one process; fine-tune without LoRA there")
+    processes = _launch(opts, model_path)
+    accelerator, sharding, sequence_parallel = processes.accelerator, processes.sharding, processes.sequence_parallel
     set_seed(opts.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dataset = packed_dataset(opts.data, tokenizer, opts.max_length, opts.separate_documents, opts.text_column)
 
+    # under sequence parallelism the attention DeepSpeed's Ulysses wraps
+    attn_implementation = sequence_parallel.attention if sequence_parallel else opts.attn_implementation
     model, use_cache = _load_for_training(opts, model_path, attn_implementation)
     if sharding:
         model = shard_model(model, sharding)  # before the optimizer is built: it must hold the sharded parameters
@@ -331,19 +302,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
     loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, shuffle=True, drop_last=True)
     if len(loader) == 0:
         raise ValueError(f"the data packs into {len(dataset)} blocks, fewer than batch_size={opts.batch_size}")
-    if sharding:
-        # accelerate would wrap the sharded model in DDP and save only the main process's optimizer shards: it
-        # prepares the data only, and saves model and optimizer through a gathered state.
-        loader = accelerator.prepare(loader)
-        accelerator.register_for_checkpointing(ShardedTrainingState(model, optimizer))
-    elif sequence_parallel:
-        # The data apart from the model, so that each epoch gets its own sequence-sharding adapter (sp.epoch_batches)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        loader = accelerator.prepare(loader)
-        gradient_scale = sp.gradient_scale(sequence_parallel,
-                                           accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"])
-    else:
-        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = _prepare(processes, model, optimizer, loader)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces parameters in prepare
     # The scheduler is stepped once per optimizer step by hand (not prepared: accelerate would step it once per
     # process), and saved with the rest of the state.
@@ -382,7 +341,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
         for batch in batches:
             with accelerator.accumulate(model):
                 if sequence_parallel:
-                    loss = sp.sequence_loss(model, batch, gradient_scale)
+                    loss = sp.sequence_loss(model, batch, processes.gradient_scale)
                 else:
                     loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -417,7 +376,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
             if opts.save_steps and state.global_step % opts.save_steps == 0 and state.global_step < opts.steps:
                 _save_checkpoint(accelerator, state, Path(opts.output_dir) / f"checkpoint-{state.global_step}",
-                                 layout)
+                                 processes.layout)
             if state.global_step >= opts.steps:
                 break
         epoch += 1
@@ -433,7 +392,82 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
     trained = _save_final(accelerator, model, tokenizer, state, opts, use_cache, sharded=sharding is not None)
     return FinetuneResult(output_dir=str(opts.output_dir), model=trained, log_history=state.log_history,
                           is_main_process=accelerator.is_main_process,
-                          distributed=distributed)
+                          distributed=processes.distributed)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """How this run's processes share the work: read from the launch and checked before anything is loaded."""
+
+    accelerator: object
+    sharding: object  # sharding.CpuShardingSettings when FSDP2 is applied here on CPU processes, else None
+    sequence_parallel: object  # sequence_parallel.SequenceParallelSettings, or None
+    gradient_scale: float  # each process's share of the loss is scaled by it under sequence parallelism
+
+    @property
+    def distributed(self) -> str:
+        return "FSDP2_CPU" if self.sharding else self.accelerator.distributed_type.name
+
+    @property
+    def layout(self) -> dict:
+        """What a training checkpoint records (processes.json), and what resuming it needs."""
+        return {"distributed": self.distributed,
+                "sequence_parallel": self.sequence_parallel.size if self.sequence_parallel else 1}
+
+
+def _launch(opts, model_path) -> Processes:
+    """The accelerator for this launch, with every check of the launch against the options done."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import GradientAccumulationPlugin
+    from transformers import AutoConfig
+
+    from . import sequence_parallel as sp
+    from .deepspeed_launch import process_group_kwargs, settle_deepspeed_config
+    from .sharding import cpu_sharding_settings
+
+    sequence_parallel = sp.sequence_parallel_settings()
+    if sequence_parallel:
+        sp.check_options(sequence_parallel, opts, AutoConfig.from_pretrained(model_path))
+    accelerator = Accelerator(
+        mixed_precision=opts.mixed_precision,
+        # One optimizer step = exactly grad_accum micro-batches, across epoch ends too (so resume can count).
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=opts.grad_accum, sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=process_group_kwargs(),
+    )
+    _check_process_count(accelerator)
+    gradient_scale = 1.0
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        settle_deepspeed_config(config, opts.batch_size, opts.grad_accum, opts.max_grad_norm, opts.mixed_precision,
+                                accelerator.mixed_precision)
+        if sequence_parallel:
+            gradient_scale = sp.gradient_scale(sequence_parallel, config.get("zero_optimization", {}))
+    sharding = cpu_sharding_settings(accelerator.distributed_type.name, accelerator.mixed_precision)
+    processes = Processes(accelerator, sharding, sequence_parallel, gradient_scale)
+    if opts.resume_from:
+        _check_resume_layout(Path(opts.resume_from), processes.layout)
+    if opts.lora and (accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") or sharding):
+        raise ValueError(f"lora=True is not supported under {'FSDP' if sharding else accelerator.distributed_type.name}"
+                         ": merging needs the full adapters on one process; fine-tune without LoRA there")
+    return processes
+
+
+def _prepare(processes: Processes, model, optimizer, loader):
+    """accelerate's prepare, as each way of sharing the work needs it."""
+    from .sharding import ShardedTrainingState
+
+    accelerator = processes.accelerator
+    if processes.sharding:
+        # accelerate would wrap the sharded model in DDP and save only the main process's optimizer shards: it
+        # prepares the data only, and saves model and optimizer through a gathered state.
+        accelerator.register_for_checkpointing(ShardedTrainingState(model, optimizer))
+        return model, optimizer, accelerator.prepare(loader)
+    if processes.sequence_parallel:
+        # The data apart from the model, so that each epoch gets its own sequence-sharding adapter (sp.epoch_batches)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        return model, optimizer, accelerator.prepare(loader)
+    return accelerator.prepare(model, optimizer, loader)
 
 
 def _check_process_count(accelerator):
