@@ -154,7 +154,8 @@ def _finetune(args) -> int:
         options = check_options(
         args.model, method=args.method, factor=args.factor, target_length=args.target_length, data=args.data,
         max_length=args.max_length, steps=args.steps, learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps, lr_scheduler=args.lr_scheduler, batch_size=args.batch_size,
+        warmup_steps=args.warmup_steps, lr_scheduler=args.lr_scheduler, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lora=args.lora, lora_rank=args.lora_rank,
         lora_train_embeddings_and_norms=args.lora_train_embeddings_and_norms,
         gradient_checkpointing=args.gradient_checkpointing, attn_implementation=args.attn_implementation,
@@ -187,6 +188,8 @@ def _add_finetune_parser(sub):
     ft.add_argument("--learning-rate", type=float, default=2e-5)
     ft.add_argument("--warmup-steps", type=int, default=None, help="default: min(20, steps // 10)")
     ft.add_argument("--lr-scheduler", default="linear", help="linear (decay to 0), constant or cosine, after warmup")
+    ft.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    ft.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     ft.add_argument("--batch-size", type=int, default=1, help="blocks per micro-batch per process")
     ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ft.add_argument("--lora", action="store_true", help="train LoRA adapters (peft), merged into the saved weights")

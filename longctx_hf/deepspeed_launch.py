@@ -11,6 +11,10 @@ import os
 
 from .sharding import launch_flag
 
+# the names DeepSpeed accepts for "gather ZeRO-3's weights into one state dict on save" (the last one deprecated)
+GATHER_ON_SAVE = ("stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save",
+                  "stage3_gather_fp16_weights_on_model_save")
+
 
 def process_group_kwargs(environ=os.environ) -> list:
     """accelerate's kwargs handlers for this launch: the gloo backend for DeepSpeed on a machine without a GPU.
@@ -51,6 +55,6 @@ def settle_deepspeed_config(config: dict, batch_size: int, grad_accum: int, max_
         raise ValueError(f"mixed_precision {mixed_precision!r}, but the DeepSpeed config trains in "
                          f"{effective_mixed_precision!r}: make them agree (its bf16/fp16 sections)")
     zero = config.get("zero_optimization", {})
-    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+    if zero.get("stage") == 3 and not any(zero.get(key, False) is True for key in GATHER_ON_SAVE):
         raise ValueError("ZeRO-3 without zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save) "
                          "cannot gather the weights for the final checkpoint; set it in the DeepSpeed config")

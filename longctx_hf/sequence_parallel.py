@@ -58,6 +58,9 @@ def sequence_parallel_settings(environ=os.environ) -> SequenceParallelSettings |
     if attention not in ATTENTIONS:
         raise ValueError(f"parallelism_config_sp_attn_implementation {attention or 'unset'!r}: finetune supports "
                          f"{', '.join(ATTENTIONS)} under sequence parallelism; set one in the accelerate config")
+    if _size(environ, "TP") > 1:
+        raise ValueError(f"parallelism_config_tp_size {_size(environ, 'TP')}: tensor parallelism is not supported by "
+                         "finetune; with sequence parallelism leave it at 1")
     processes = int(environ.get("WORLD_SIZE", "1") or 1)
     data_parallel = _size(environ, "DP_REPLICATE") * _size(environ, "DP_SHARD")
     if data_parallel * size != processes:

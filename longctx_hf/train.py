@@ -410,9 +410,11 @@ class Processes:
 
     @property
     def layout(self) -> dict:
-        """What a training checkpoint records (processes.json), and what resuming it needs."""
-        return {"distributed": self.distributed,
-                "sequence_parallel": self.sequence_parallel.size if self.sequence_parallel else 1}
+        """What a training checkpoint records (processes.json), and what resuming it needs: the same kind of
+        processes, and the same split of every step's sequences over them (the batches to skip depend on it)."""
+        sequence_parallel = self.sequence_parallel.size if self.sequence_parallel else 1
+        return {"distributed": self.distributed, "sequence_parallel": sequence_parallel,
+                "data_parallel": self.accelerator.num_processes // sequence_parallel}
 
 
 def _launch(opts, model_path) -> Processes:
@@ -436,6 +438,9 @@ def _launch(opts, model_path) -> Processes:
         kwargs_handlers=process_group_kwargs(),
     )
     _check_process_count(accelerator)
+    if sequence_parallel and accelerator.distributed_type.name != "DEEPSPEED":
+        raise ValueError(f"parallelism_config_sp_size {sequence_parallel.size}: accelerate runs these processes as "
+                         f"{accelerator.distributed_type.name}, not DEEPSPEED; launch without ACCELERATE_USE_CPU")
     gradient_scale = 1.0
     if accelerator.distributed_type.name == "DEEPSPEED":
         config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -499,6 +504,11 @@ def _check_resume_layout(folder: Path, layout: dict):
         raise ValueError(f"resume_from {str(folder)!r} was written by a run that split every sequence over "
                          f"{written.get('sequence_parallel', 1)} processes; this run splits them over "
                          f"{layout['sequence_parallel']}: resume it with the launch configuration that wrote it")
+    if written.get("data_parallel", layout["data_parallel"]) != layout["data_parallel"]:  # unrecorded before
+        raise ValueError(f"resume_from {str(folder)!r} was written by a run whose steps took sequences from "
+                         f"{written['data_parallel']} processes (data parallel); this run's take them from "
+                         f"{layout['data_parallel']}, so it would skip other batches than those already trained on: "
+                         "resume it with the same number of processes")
 
 
 def _save_checkpoint(accelerator, state, folder: Path, layout: dict):

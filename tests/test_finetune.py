@@ -291,7 +291,8 @@ def test_fsdp2_on_two_cpu_processes_trains_as_one_process(tied_checkpoint, tmp_p
     # The training checkpoint holds the gathered (full-shape) model and optimizer state, taken by every rank.
     checkpoint = sharded / "checkpoint-2"
     assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= set(os.listdir(checkpoint))
-    assert json.loads((checkpoint / "processes.json").read_text()) == {"distributed": "FSDP2_CPU", "sequence_parallel": 1}
+    assert json.loads((checkpoint / "processes.json").read_text()) == {
+        "distributed": "FSDP2_CPU", "sequence_parallel": 1, "data_parallel": 2}
     gathered = [torch.load(path, weights_only=False) for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl"))]
     state = next(s for s in gathered if set(s) == {"model", "optimizer"})
     assert {k: tuple(v.shape) for k, v in state["model"].items() if k != "lm_head.weight"} == {
@@ -467,7 +468,8 @@ def test_deepspeed_ulysses_on_two_cpu_processes_trains_as_one_process(tied_check
 
     # checkpoint-3 is three sequences in: one whole group of two shards and one shard of the next are skipped
     checkpoint = split / "checkpoint-3"
-    assert json.loads((checkpoint / "processes.json").read_text()) == {"distributed": "DEEPSPEED", "sequence_parallel": 2}
+    assert json.loads((checkpoint / "processes.json").read_text()) == {
+        "distributed": "DEEPSPEED", "sequence_parallel": 2, "data_parallel": 1}
     resumed = tmp_path / "resumed"
     out = launch_two_cpu_processes("deepspeed_ulysses_cpu.yaml", tied_checkpoint, resumed, *arguments,
                                    "--resume-from", str(checkpoint), use_cpu=False)
@@ -528,6 +530,7 @@ ULYSSES = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "ACCELERATE_USE_DEEPSPEE
     ({**ULYSSES, "PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION": "eager"}, "'eager': finetune supports sdpa"),
     ({k: v for k, v in ULYSSES.items() if k != "PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION"}, "'unset': finetune"),
     ({**ULYSSES, "WORLD_SIZE": "4"}, "must equal the 4 processes launched: set parallelism_config_dp_shard_size to 2"),
+    ({**ULYSSES, "PARALLELISM_CONFIG_TP_SIZE": "2"}, "parallelism_config_tp_size 2: tensor parallelism"),
 ])
 def test_launches_sequence_parallelism_cannot_run_exactly_are_refused(environ, message):
     from longctx_hf.sequence_parallel import sequence_parallel_settings
@@ -608,3 +611,44 @@ def test_deepspeed_config_agrees_with_the_options():
     ]:
         with pytest.raises(ValueError, match=message):
             settle_deepspeed_config(config, *options)
+    # DeepSpeed's other names for the gathering save are accepted
+    settle_deepspeed_config({"zero_optimization": {"stage": 3, "gather_16bit_weights_on_model_save": True}},
+                            1, 1, 1.0, None, "no")
+
+
+def test_cli_passes_clipping_and_weight_decay(tiny_checkpoint, tmp_path, capsys):
+    """--max-grad-norm and --weight-decay reach finetune's options (checked there before anything loads); with
+    --max-grad-norm 0 nothing is clipped and no gradient norm is logged."""
+    from longctx_hf.cli import main
+
+    common = ["finetune", str(tiny_checkpoint), "--method", "yarn", "--factor", "2", "--data", str(TEXT),
+              "--max-length", "64", "--steps", "2", "--output", str(tmp_path / "out")]
+    assert main([*common, "--max-grad-norm", "-1"]) == 2
+    assert "max_grad_norm must be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    assert main([*common, "--weight-decay", "-0.5"]) == 2
+    assert "weight_decay must be a finite number >= 0, got -0.5" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main([*common, "--max-grad-norm", "0", "--weight-decay", "0.1"]) == 0
+    assert [e["step"] for e in logged(tmp_path / "out")] == [1, 2]
+    assert all("grad_norm" not in e for e in logged(tmp_path / "out"))
+
+
+def test_resume_needs_the_same_split_of_the_work(tmp_path):
+    """A step's batches depend on how many processes share them and how sequences are split: a checkpoint resumes
+    only under the same layout (a checkpoint that did not record the process count is still read)."""
+    from longctx_hf.train import _check_resume_layout
+
+    def written(**layout):
+        folder = tmp_path / "-".join(f"{k}{v}" for k, v in layout.items())
+        folder.mkdir()
+        (folder / "processes.json").write_text(json.dumps(layout))
+        return folder
+
+    ddp = {"distributed": "MULTI_CPU", "sequence_parallel": 1, "data_parallel": 2}
+    _check_resume_layout(written(**ddp), ddp)
+    _check_resume_layout(written(distributed="MULTI_CPU"), {**ddp, "data_parallel": 4})
+    with pytest.raises(ValueError, match="took sequences from 2 processes .* this run's take them from 4"):
+        _check_resume_layout(written(**{**ddp, "distributed": "NO"}), {**ddp, "data_parallel": 4})
+    ulysses = {"distributed": "DEEPSPEED", "sequence_parallel": 2, "data_parallel": 1}
+    with pytest.raises(ValueError, match="split every sequence over 2 processes; this run splits them over 1"):
+        _check_resume_layout(written(**ulysses), {**ulysses, "sequence_parallel": 1, "data_parallel": 2})
