@@ -441,8 +441,9 @@ def test_dynamic_yarn_trains_past_the_pretrained_length_and_ships_its_code(tiny_
 
 def test_deepspeed_ulysses_on_two_cpu_processes_trains_as_one_process(tied_checkpoint, tmp_path):
     """configs/deepspeed_ulysses_cpu.yaml: ZeRO-3 with every sequence split over two processes (DeepSpeed Ulysses)
-    gives one process's losses, gradient norms and weights on the same sequences, resumes exactly from a checkpoint
-    taken half-way through a group of shards, and saves a plain model that keeps its tied weights tied."""
+    gives one process's losses, gradient norms and weights on the same sequences (with gradient checkpointing too),
+    resumes exactly from a checkpoint taken half-way through a group of shards, and saves a plain model that keeps
+    its tied weights tied."""
     pytest.importorskip("deepspeed")
     single = finetune(**options(tied_checkpoint, tmp_path / "single", data=str(STDLIB / "json"), steps=4,
                                 learning_rate=1e-3, separate_documents=False))
@@ -481,6 +482,16 @@ def test_deepspeed_ulysses_on_two_cpu_processes_trains_as_one_process(tied_check
     with pytest.raises(ValueError, match="written by a run with processes DEEPSPEED; this run's are NO"):
         finetune(**options(tied_checkpoint, tmp_path / "other", data=str(STDLIB / "json"), steps=4,
                            separate_documents=False, resume_from=str(checkpoint)))
+
+    # transformers' gradient checkpointing re-runs the forward, all-to-all included: the same training
+    recomputed = tmp_path / "checkpointed"
+    out = launch_two_cpu_processes("deepspeed_ulysses_cpu.yaml", tied_checkpoint, recomputed, *arguments,
+                                   "--gradient-checkpointing", use_cpu=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [e["loss"] for e in logged(recomputed)] == pytest.approx([e["loss"] for e in expected], rel=1e-6)
+    checkpointed = load_file(recomputed / "model.safetensors")
+    for name in trained:
+        torch.testing.assert_close(checkpointed[name], single_weights[name], rtol=1e-5, atol=1e-6)
 
     reloaded = run_json(RELOAD_LOGITS, split, cwd=tmp_path)
     with torch.no_grad():
