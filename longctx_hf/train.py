@@ -317,9 +317,8 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
         state = _read_state(opts.resume_from)
         state.max_steps = opts.steps
     # Under sequence parallelism a micro-batch is 1/size of a sequence on every process of its group.
-    group_size = sequence_parallel.size if sequence_parallel else 1
-    micro_batches_per_epoch = len(loader) * group_size
-    data_parallel = accelerator.num_processes // group_size
+    micro_batches_per_epoch = len(loader) * processes.sequence_parallel_size
+    data_parallel = processes.data_parallel
     tokens_per_micro_batch = opts.batch_size * opts.max_length * data_parallel
     micro_done = state.global_step * opts.grad_accum
     epoch, skip = divmod(micro_done, micro_batches_per_epoch)
@@ -334,7 +333,7 @@ def run(opts: FinetuneOptions) -> FinetuneResult:
     while state.global_step < opts.steps:
         loader.set_epoch(epoch)
         if sequence_parallel:
-            batches = sp.epoch_batches(accelerator, loader, model, skip, sequence_parallel.size)
+            batches = sp.epoch_batches(accelerator, loader, model, skip, processes.sequence_parallel_size)
         else:
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         skip = 0
@@ -409,12 +408,21 @@ class Processes:
         return "FSDP2_CPU" if self.sharding else self.accelerator.distributed_type.name
 
     @property
+    def sequence_parallel_size(self) -> int:
+        """How many processes split each sequence (1: every process holds whole sequences)."""
+        return self.sequence_parallel.size if self.sequence_parallel else 1
+
+    @property
+    def data_parallel(self) -> int:
+        """How many sequences (micro-batches) the processes take per micro-step between them."""
+        return self.accelerator.num_processes // self.sequence_parallel_size
+
+    @property
     def layout(self) -> dict:
         """What a training checkpoint records (processes.json), and what resuming it needs: the same kind of
         processes, and the same split of every step's sequences over them (the batches to skip depend on it)."""
-        sequence_parallel = self.sequence_parallel.size if self.sequence_parallel else 1
-        return {"distributed": self.distributed, "sequence_parallel": sequence_parallel,
-                "data_parallel": self.accelerator.num_processes // sequence_parallel}
+        return {"distributed": self.distributed, "sequence_parallel": self.sequence_parallel_size,
+                "data_parallel": self.data_parallel}
 
 
 def _launch(opts, model_path) -> Processes:
