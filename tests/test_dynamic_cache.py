@@ -384,6 +384,27 @@ def test_chunked_prefill_and_the_wrapped_attention_path_equal_decoding_token_by_
             assert error <= 1e-5, (plain, error)
 
 
+@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+def test_left_padded_batch_through_the_blocks_equals_each_row_alone(method):
+    """Two rows past L in one prefill (the blocks loop over rows and key heads), the second left-padded: each row's
+    logits equal its own forward without padding."""
+    model = _blocks_model("llama", method, heads=4, kv_heads=2)
+    generator = torch.Generator().manual_seed(12)
+    long_ids, short_ids = torch.randint(1, 128, (1, 256), generator=generator), torch.randint(1, 128, (1, 200),
+                                                                                          generator=generator)
+    pad = long_ids.shape[1] - short_ids.shape[1]
+    ids = torch.cat([long_ids, torch.cat([torch.zeros(1, pad, dtype=torch.long), short_ids], dim=1)])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        alone = model(long_ids).logits[0], model(short_ids).logits[0]
+    assert max(b.stop - b.start for b in _blocks_used(model)) > 8
+    for row, (want, got) in enumerate(zip(alone, (batch[0], batch[1, pad:]))):
+        error = (got - want).abs().max().item()
+        assert error <= 1e-5, (row, error)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
 def test_block_attention_is_as_close_to_exact_as_one_call_per_query(method, dtype):
