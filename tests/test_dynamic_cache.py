@@ -390,8 +390,8 @@ def test_left_padded_batch_through_the_blocks_equals_each_row_alone(method):
     logits equal its own forward without padding."""
     model = _blocks_model("llama", method, heads=4, kv_heads=2)
     generator = torch.Generator().manual_seed(12)
-    long_ids, short_ids = torch.randint(1, 128, (1, 256), generator=generator), torch.randint(1, 128, (1, 200),
-                                                                                          generator=generator)
+    long_ids = torch.randint(1, 128, (1, 256), generator=generator)
+    short_ids = torch.randint(1, 128, (1, 200), generator=generator)
     pad = long_ids.shape[1] - short_ids.shape[1]
     ids = torch.cat([long_ids, torch.cat([torch.zeros(1, pad, dtype=torch.long), short_ids], dim=1)])
     mask = torch.ones_like(ids)

@@ -21,6 +21,7 @@ needs more than MAX_TERMS terms, and kept small enough that a block's scores sta
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -202,9 +203,7 @@ def attend(query, key, value, mask, scaling, workspace=None):
     head stacked into one matrix product (no copies of the wide key features). Output (rows, queries, heads, dv).
 
     mask None: causal, the queries being the last keys (only those columns need masking). With `workspace`
-    (inference only) the scores go into its buffer and each key head is its own matrix product: one product spreads
-    over all threads, where a batch of three split over two threads leaves one idle a third of the time (the
-    products alone, measured: 17-20% faster with two threads, the same with one)."""
+    (inference only) the scores go into its buffer and the products run per key head (_matmul_per_key_head)."""
     rows, heads, queries, features = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
@@ -213,8 +212,7 @@ def attend(query, key, value, mask, scaling, workspace=None):
         scores = torch.matmul(query, key.transpose(-1, -2))
     else:
         scores = workspace.take("scores", (rows, kv_heads, groups * queries, key.shape[2]), query)
-        for row, head in ((row, head) for row in range(rows) for head in range(kv_heads)):
-            torch.mm(query[row, head], key[row, head].t(), out=scores[row, head])
+        _matmul_per_key_head(query, key.transpose(-1, -2), scores)
     scores = scores.view(rows, kv_heads, groups, queries, -1)
     if mask is None:
         future = torch.ones(queries, queries, dtype=torch.bool, device=scores.device).triu(1)
@@ -231,9 +229,16 @@ def attend(query, key, value, mask, scaling, workspace=None):
     weights = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_().view(rows, kv_heads, groups * queries, -1)
     total = weights.sum(dim=-1, keepdim=True)
     output = torch.empty(rows, kv_heads, groups * queries, value.shape[-1], dtype=value.dtype, device=value.device)
-    for row, head in ((row, head) for row in range(rows) for head in range(kv_heads)):
-        torch.mm(weights[row, head], value[row, head], out=output[row, head])
-    return output.div_(total).view(rows, heads, queries, -1).transpose(1, 2)
+    return _matmul_per_key_head(weights, value, output).div_(total).view(rows, heads, queries, -1).transpose(1, 2)
+
+
+def _matmul_per_key_head(left, right, out):
+    """left @ right into `out`, one matrix product per (batch row, key head): a single product spreads over all
+    threads, where a batched one of three key heads over two threads leaves one idle a third of the time (the
+    products alone, measured: 17-20% faster with two threads, the same with one)."""
+    for row, head in itertools.product(range(out.shape[0]), range(out.shape[1])):
+        torch.mm(left[row, head], right[row, head], out=out[row, head])
+    return out
 
 
 def causal_mask(block, queries, length, additive_dtype=None):
