@@ -88,6 +88,29 @@ def test_native_config_reloads_with_plain_transformers_to_identical_logits(tmp_p
     assert run_json(RELOAD, json.dumps(folders), cwd=tmp_path) == {folder: True for folder in folders}
 
 
+def vllm_longrope_temperature(config: dict) -> float:
+    """The cos/sin multiplier vLLM 0.32 serves a longrope config with (Phi3LongRoPEScaledRotaryEmbedding, both
+    sets): `short_mscale`/`long_mscale` from rope_parameters, else its own sqrt(1 + ln s / ln L) with s from
+    max_position_embeddings; it never reads attention_factor."""
+    rope = config["rope_parameters"]
+    original = rope["original_max_position_embeddings"]
+    scale = config["max_position_embeddings"] / original
+    default = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original))
+    assert rope.get("short_mscale", default) == rope.get("long_mscale", default)
+    return rope.get("long_mscale", default)
+
+
+@pytest.mark.parametrize("options", [{}, {"attention_factor": 1.0706}, {"attention_factor": 1.0}])
+def test_the_temperature_vllm_reads_is_the_one_transformers_uses(tmp_path, options):
+    """A searched temperature must not be dropped by vLLM (benchmarks/engines measures the real engine)."""
+    model = tiny_model("llama", max_position_embeddings=L)
+    extend_context(model, "longrope", 2, **options)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert vllm_longrope_temperature(saved) == pytest.approx(context_info(model).attention_scaling, rel=1e-12)
+    assert saved["rope_scaling"].get("long_mscale") == saved["rope_parameters"].get("long_mscale")
+
+
 def test_offline_rewriter_and_factors_file(tmp_path):
     model = tiny_model("llama", max_position_embeddings=L)
     model.save_pretrained(tmp_path / "src")

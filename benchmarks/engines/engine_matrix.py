@@ -28,8 +28,12 @@ SHORT_TOKENS = 8000  # inside the pretrained length
 PRETRAINED = 8192
 # Mean |delta log-prob| per token at or below which an engine computes the same model as transformers (fp32).
 # Measured noise: vLLM ~1e-5; llama.cpp ~1e-3 with its default f16 KV cache (2e-5 with an f32 one, checked on
-# 2000 tokens of yarn x2). A checkpoint an engine reads differently measured 0.2 and more.
+# 2000 tokens of yarn x2). A checkpoint an engine reads differently measured 0.09 and more (a dropped longrope
+# temperature, docs/engines.md; 0.2 and more in the matrix).
 SAME = 1e-2
+
+# The factors and temperature the needle-driven search found for SmolLM2 x2 (what `search` writes to factors.json)
+SEARCHED = json.loads((RESULTS / "longrope_smollm2_x2_needle" / "factors.json").read_text())
 
 # name: (method, factor, options); "none" is the unextended model, the reference for "runs the unextended model"
 CASES = {
@@ -40,6 +44,7 @@ CASES = {
     "yarn-x4": ("yarn", 4, {}),
     "yarn-x4-options": ("yarn", 4, {"beta_fast": 16.0, "attention_factor": 1.0}),
     "longrope-x2": ("longrope", 2, {}),
+    "longrope-x2-searched": ("longrope", 2, SEARCHED),
     "dynamic_ntk-x2": ("dynamic_ntk", 2, {}),
     "dynamic_yarn-x2": ("dynamic_yarn", 2, {}),
     "self_extend-x2": ("self_extend", 2, {}),

@@ -106,6 +106,10 @@ def rope_parameters(spec: Spec) -> dict:
               "short_factor": list(spec.short_factor), "long_factor": list(spec.long_factor)}
     if spec.attention_factor is not None:
         params["attention_factor"] = float(spec.attention_factor)
+        # vLLM's longrope ignores attention_factor: it takes short_mscale/long_mscale, else recomputes the default
+        # sqrt(1 + ln s / ln L), so a searched temperature would be silently dropped there. transformers reads
+        # attention_factor and logs the two keys as unrecognised; Phi-3.5-MoE's config carries the same pair.
+        params["short_mscale"] = params["long_mscale"] = float(spec.attention_factor)
     return params
 
 
