@@ -14,11 +14,13 @@ recomputing them, so it continues exactly where it was cut off.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,13 +143,14 @@ def run_search(model, *, factor, output_dir, text_file=None, budget=None, minute
     import torch
     from transformers import AutoTokenizer
 
-    from .evaluate.perplexity import default_text_name
+    from .evaluate.perplexity import default_text, default_text_name
     from .patch import from_pretrained
     from .real_model import resolve_model
 
     path = resolve_model(model)
     if text_file is not None:
         text, text_name = Path(text_file).read_text(encoding="utf-8", errors="replace"), str(text_file)
+        check_not_the_evaluation_text(text, default_text(min_chars=10**9), default_text_name())
     else:
         text, text_name = calibration_text(), CALIBRATION_TEXT_NAME
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -170,6 +173,19 @@ def run_search(model, *, factor, output_dir, text_file=None, budget=None, minute
         extend_checkpoint(path, Path(output_dir) / "checkpoint", "longrope", factor, long_factor=best["long_factor"],
                           attention_factor=best["attention_factor"], overwrite=True, card_note=note)
     return result
+
+
+def check_not_the_evaluation_text(text: str, evaluation: str, evaluation_name: str, probes=32, width=256) -> None:
+    """A ValueError when a quarter or more of `probes` evenly spaced `width`-character slices of the calibration
+    text occur verbatim in the evaluation text: factors searched on the tokens they are then scored on would
+    overstate their quality. (The default calibration text shares none of 32 with the default evaluation text.)"""
+    step = max(1, (len(text) - width) // probes)
+    slices = [text[i * step:i * step + width] for i in range(probes)]
+    found = sum(len(piece) == width and piece in evaluation for piece in slices)
+    if found * 4 >= probes:
+        raise ValueError(f"--text overlaps the evaluation text ({found} of {probes} sampled passages of "
+                         f"{width} characters occur in {evaluation_name}, which `longctx-hf eval` scores): "
+                         "calibrate on another text")
 
 
 def check_search_options(*, factor, budget, minutes, population, parents, documents, scored_tokens=None,
@@ -239,7 +255,8 @@ def search_rope_factors(model, calibration_ids, *, factor, output_dir, budget=No
              "rope_theta": spec.rope_theta, "rotary_dim": spec.rotary_dim, "seed": seed, "population": population,
              "parents": parents, "sigma": sigma, "documents": documents, "fitness": fitness,
              "scored_tokens": scored_count if fitness == "perplexity" else None,
-             "calibration_text": calibration_text, "evaluation_text": evaluation_text}
+             "calibration_text": calibration_text, "evaluation_text": evaluation_text,
+             "model_fingerprint": weights_fingerprint(model), "calibration_tokens_sha256": tokens_sha256(calibration_ids)}
     if samples is not None:  # (key, value, depth) of every needle, per window
         setup["needles"] = [[list(needle) for needle in sample.needles] for sample in samples]
     output_dir = Path(output_dir)
@@ -325,6 +342,23 @@ def _spec_of(model, factor, rope_theta, pretrained_length):
 
 # setup keys added after the first release, with the value an older results.json implicitly had
 SETUP_DEFAULTS = {"fitness": lambda setup: "perplexity", "scored_tokens": lambda setup: setup["target_length"] - 1}
+IDENTITY_KEYS = ("model_fingerprint", "calibration_tokens_sha256")  # what a replayed fitness was measured on
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 over every parameter's name, shape, dtype and its first and last 256 values: a resumed search must
+    replay fitnesses measured on these weights, not on another model of the same shape (hashing every value of a
+    large model would cost seconds per resume for no practical gain)."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        flat = parameter.detach().reshape(-1)
+        values = flat[:256].tolist() + flat[-256:].tolist()
+        digest.update(f"{name}{tuple(parameter.shape)}{parameter.dtype}{values}".encode())
+    return digest.hexdigest()
+
+
+def tokens_sha256(ids) -> str:
+    return hashlib.sha256(str(ids.tolist()).encode()).hexdigest()
 
 
 def _load_or_start(path: Path, setup: dict) -> dict:
@@ -334,9 +368,16 @@ def _load_or_start(path: Path, setup: dict) -> dict:
         for key, default in SETUP_DEFAULTS.items():
             if key not in recorded and "target_length" in recorded:
                 recorded[key] = default(recorded)
+        unchecked = [key for key in IDENTITY_KEYS if key not in recorded and "target_length" in recorded]
+        if unchecked:  # written before the search recorded them: resumable, but say what cannot be checked
+            warnings.warn(f"{path} records no {' or '.join(unchecked)}; resuming trusts that the model and the "
+                          "calibration tokens are the ones it was started with", stacklevel=3)
+            recorded.update({key: setup[key] for key in unchecked})
+            results["setup"] = recorded
         if recorded != setup:
-            raise ValueError(f"{path} holds a search with another setup ({results.get('setup')}); give a new output "
-                             "folder, or the same model, text, factor, seed and search options to resume it")
+            changed = sorted(key for key in set(recorded) | set(setup) if recorded.get(key) != setup.get(key))
+            raise ValueError(f"{path} holds a search with another setup (differs in: {', '.join(changed)}); give a "
+                             "new output folder, or the same model, text, factor, seed and search options to resume it")
         return results
     return {"setup": setup, "candidates": [], "seconds": 0.0}
 

@@ -1,6 +1,7 @@
 """RULER tasks: every sample fits its length in the model's own tokens and carries its answer (checked by parsing
 the prompt independently of the generator), samples are reproducible, scoring is RULER's, evaluate_model and the
 CLI write the results, and the real SmolLM2 finds a needle."""
+import io
 import json
 import re
 from collections import Counter
@@ -202,6 +203,28 @@ def test_batched_rows_generate_what_single_rows_do(tiny_folder, tokenizer, resou
         for _ in range(sample.max_new_tokens):
             ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
     assert tokenizer.decode(ids[0, len(sample.input_ids):]).strip() == alone[0]
+
+
+def test_the_progress_bar_weighs_long_prompts_by_their_attention(tiny_folder, tokenizer, resources):
+    """The bar's total is what the runs add up to (it ends at 100%), and a prompt's weight grows with the square of
+    its length past the attention span (parameters / (2 · hidden · layers), counted independently here)."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from longctx_hf.evaluate.ruler import attention_span, run_cells, work
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    config = model.config
+    weights = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+    tied = model.get_input_embeddings().weight.numel() if config.tie_word_embeddings else 0
+    span = attention_span(model)
+    assert span == pytest.approx((weights - tied) / (2 * config.hidden_size * config.num_hidden_layers))
+    samples = [build_sample(tokenizer, TASKS["niah_single_1"], n, 0, seed=0, resources=resources) for n in (768, 1024)]
+    short, long = (len(s.input_ids) for s in samples)
+    assert work(samples[1], span) - 64 * samples[1].max_new_tokens == pytest.approx(long + long ** 2 / span)
+    bar = tqdm(total=sum(work(s, span) for s in samples), file=io.StringIO())
+    run_cells(model, tokenizer, samples, bar=bar)
+    assert bar.n == pytest.approx(bar.total)
 
 
 def test_evaluate_model_writes_ruler_cells_summary_and_heatmap(tiny_folder, tmp_path):

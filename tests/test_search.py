@@ -103,6 +103,26 @@ def test_a_cut_off_search_resumes_to_the_same_result(trained, tmp_path):
         search(trained, tmp_path / "cut", budget=14, seed=1)
 
 
+def test_a_search_is_resumed_only_on_the_same_weights_and_tokens(trained, tmp_path):
+    """Replayed fitnesses were measured on one model and one text: another model of the same shape, or other
+    calibration tokens, must not inherit them."""
+    search(trained, tmp_path, budget=2)
+    other = LlamaForCausalLM(trained.config).eval()  # same shape and config, other weights
+    with pytest.raises(ValueError, match="differs in: model_fingerprint"):
+        search(other, tmp_path, budget=3)
+    calibration = stdlib_bytes(lambda k: k == 0)[1: 16 * 4 * L + 1]  # the same text, shifted by one token
+    with pytest.raises(ValueError, match="differs in: calibration_tokens_sha256"):
+        search_rope_factors(trained, calibration, factor=4, output_dir=tmp_path, budget=3, documents=16,
+                            progress=False, calibration_text="stdlib files 0 mod 10",
+                            evaluation_text="stdlib files 1 mod 10")
+    record = json.loads((tmp_path / "results.json").read_text())
+    del record["setup"]["model_fingerprint"], record["setup"]["calibration_tokens_sha256"]  # an older record
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="resuming trusts that the model and the calibration tokens"):
+        resumed = search(trained, tmp_path, budget=3)
+    assert resumed.results["candidates"][:2] == record["candidates"] and resumed.evaluations == 3
+
+
 def test_the_outputs_reload(trained, tmp_path):
     result = search(trained, tmp_path, budget=6)
     saved = json.loads((tmp_path / "factors.json").read_text())
@@ -221,3 +241,10 @@ def test_cli_search_writes_factors_and_a_checkpoint_that_says_how_they_were_foun
     assert "## How the factors were found" in card and "evaluated 3 candidates" in card
     bad = cli("search", str(tiny_folder), "--factor", "2", "--output", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--budget" in bad.stderr
+    from longctx_hf.evaluate.perplexity import default_text
+    held_out = tmp_path / "held_out.txt"  # the text `longctx-hf eval` scores, half of it after other text
+    held_out.write_text(text.read_text()[:60_000] + default_text(min_chars=60_000))
+    bad = cli("search", str(tiny_folder), "--factor", "2", "--budget", "3", "--text", str(held_out),
+              "--output", str(tmp_path / "y"))
+    assert bad.returncode == 2 and "--text overlaps the evaluation text" in bad.stderr
+    assert not (tmp_path / "y").exists()

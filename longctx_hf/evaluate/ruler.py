@@ -1,8 +1,9 @@
 """Running RULER samples through a model, scoring them as RULER does, and the effective context length.
 
 Cost is what it has to be: one prefill per sample with a KV cache, greedy decoding of at most the answer's tokens plus
-a margin (stopping early at EOS), rows of equal length batched together, and a progress bar weighted by prompt
-tokens so that its ETA means something when lengths differ.
+a margin (stopping early at EOS), rows of equal length batched together, and a progress bar weighted by an estimate
+of each prompt's work (its attention grows with the square of its length), so that its ETA means something when
+lengths differ.
 """
 from __future__ import annotations
 
@@ -43,10 +44,32 @@ def _batches(samples, batch_size: int):
         yield batch
 
 
-def generate(model, tokenizer, samples, batch_size: int = 4, bar=None) -> list:
-    """Greedy outputs (decoded, cleaned) for `samples`, in order."""
+DECODE_STEP_WORK = 64  # one greedy step costs about as much as prefilling 64 prompt tokens (SmolLM2, this CPU)
+
+
+def attention_span(model) -> float:
+    """The prompt length n at which a prefill's attention work equals its weights' work: per token, 2·P FLOPs for
+    P parameters against about 2·n·d per layer for causal attention (QKᵀ and AV over n/2 keys on average), so
+    n = P / (d · layers), halved because the attention kernels run at about half the matmuls' rate on CPU
+    (SmolLM2-135M, this CPU: a 4k prefill about 10 s, a 16k one 1–2 minutes; this span, 3892, gives 10×)."""
+    config = model.config.get_text_config()
+    parameters = sum(p.numel() for p in model.parameters())
+    return parameters / (2 * config.hidden_size * config.num_hidden_layers)
+
+
+def work(sample, span: float) -> float:
+    """A sample's estimated cost in prompt-token units: the prefill (weights plus quadratic attention) and at most
+    its answer budget of greedy steps."""
+    n = len(sample.input_ids)
+    return n * (1 + n / span) + DECODE_STEP_WORK * sample.max_new_tokens
+
+
+def generate(model, tokenizer, samples, batch_size: int = 4, bar=None, span=None) -> list:
+    """Greedy outputs (decoded, cleaned) for `samples`, in order; `bar` advances by `work` (with `span`)."""
     import torch
 
+    if bar is not None and span is None:
+        span = attention_span(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs = []
     for batch in _batches(samples, batch_size):
@@ -57,7 +80,7 @@ def generate(model, tokenizer, samples, batch_size: int = 4, bar=None) -> list:
         for row in out[:, ids.shape[1]:]:
             outputs.append(clean_prediction(tokenizer.decode(row, skip_special_tokens=True)))
         if bar is not None:
-            bar.update(ids.numel())
+            bar.update(sum(work(sample, span) for sample in batch))
     return outputs
 
 
@@ -74,14 +97,16 @@ def score_cell(samples, predictions) -> dict:
 
 
 def run_cells(model, tokenizer, samples, batch_size: int = 4, bar=None, on_cell=None) -> list:
-    """Score every (task, length) cell of `samples`; `on_cell(cell)` after each (to save progress)."""
+    """Score every (task, length) cell of `samples`; `on_cell(cell)` after each (to save progress); `bar` advances
+    by each sample's `work`."""
+    span = attention_span(model)
     cells = {}
     for sample in samples:
         cells.setdefault((sample.task, sample.length), []).append(sample)
     results = []
     for cell_samples in cells.values():
         start = time.perf_counter()
-        cell = score_cell(cell_samples, generate(model, tokenizer, cell_samples, batch_size, bar))
+        cell = score_cell(cell_samples, generate(model, tokenizer, cell_samples, batch_size, bar, span))
         cell["seconds"] = round(time.perf_counter() - start, 2)
         results.append(cell)
         if on_cell is not None:

@@ -287,11 +287,13 @@ def evaluate_model(model, methods=("none", "yarn"), *, factor=None, lengths=(204
                                                    progress=progress)
             save()
     if ruler_samples is not None:
-        from .ruler import run_cells
+        from .ruler import attention_span, run_cells, work
 
         order = unextended_first()
-        bar = tqdm(total=len(order) * sum(len(s.input_ids) for s in ruler_samples), desc="RULER", unit="tok",
-                   unit_scale=True, disable=not progress)
+        span = attention_span(use(order[0]))  # every method runs the same weights
+        bar = tqdm(total=len(order) * sum(work(s, span) for s in ruler_samples), desc="RULER", unit="work",
+                   unit_scale=True, disable=not progress,
+                   bar_format="{l_bar}{bar}| [{elapsed}<{remaining}{postfix}]")
         for method in order:
             run = runs[method]
             run["ruler"] = []
