@@ -235,7 +235,7 @@ def _eval(args) -> int:
             samples=args.samples, chat_template=args.chat_template, batch_size=args.batch_size,
             haystack_file=args.haystack)
         results = evaluate_model(args.model, **options)
-    except (ValueError, TypeError) as err:
+    except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(markdown_table(results))

@@ -191,6 +191,14 @@ def test_cli_eval_rejects_bad_input_before_loading(tiny_folder, tmp_path, args, 
     assert not out.exists()  # nothing written
 
 
+def test_cli_eval_names_a_model_folder_that_is_not_one(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for model in (tmp_path / "empty", tmp_path / "missing"):
+        done = cli(str(model), "--output", str(tmp_path / "out"), timeout=120)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+        assert not (tmp_path / "out").exists()
+
+
 def test_cli_eval_refuses_to_overwrite(tiny_folder, tmp_path):
     (tmp_path / "results.json").write_text("mine")
     done = cli(str(tiny_folder), "--output", str(tmp_path), timeout=120)

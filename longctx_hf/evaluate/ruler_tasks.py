@@ -3,8 +3,8 @@
 Definitions, templates and scoring follow NVIDIA/RULER's `synthetic.yaml`. Where this differs (docs/evaluation.md):
 the "essay" haystack is the Python Language Reference that CPython ships (`pydoc_data.topics`) instead of Paul Graham
 essays downloaded at run time (`haystack_file` replaces it); sentences are split by a regular expression instead of
-nltk's punkt; the answer budget is the reference answer's tokens plus a margin instead of a fixed 128/30/120/50
-tokens; the QA tasks (SQuAD, HotpotQA downloads) are left out. Word lists come from `wonderwords`, as in RULER.
+nltk's punkt; the answer budget is twice the reference answer's tokens plus 16 (at most RULER's) instead of a fixed
+128/30/120/50 tokens; the QA tasks (SQuAD, HotpotQA downloads) are left out. Word lists come from `wonderwords`, as in RULER.
 
 Every sample is a function of (seed, task, length, index) and of the haystack size, so the binary search on the
 size that fills the length never changes the keys, values or answers.
