@@ -15,7 +15,7 @@ labelled `longrope_searched` in the reports, with the factors in the run's optio
     python benchmarks/bench_ruler_smollm2.py run OUT [--methods none,yarn,self_extend,longrope_searched] [--lengths 4k,8k,16k]
         [--samples 5] [--factor 2] [--checkpoints DIR] [--no-chat-template]
     python benchmarks/bench_ruler_smollm2.py combine OUT
-        -> OUT/combined/results.json, results.md, ruler_heatmap.png (every finished cell)
+        -> OUT/results.json, results.md, ruler_heatmap.png (every finished cell; RESULTS.md shows the heat-map)
 """
 import argparse
 import hashlib
@@ -153,7 +153,10 @@ def combine(args):
     for run in runs.values():  # task order as RULER lists them, lengths ascending
         run["ruler"].sort(key=lambda cell: (cell["length"], list(TASKS).index(cell["task"])))
     tasks = {cell["task"] for run in runs.values() for cell in run["ruler"]}
-    combined = {key: value for key, value in first.items() if key not in ("runs", "ruler_summary", "plots")}
+    # Only RULER ran: the perplexity and passkey settings evaluate_model records for every run do not apply.
+    unused = ("runs", "ruler_summary", "plots", "passkey_lengths", "depths", "trials", "tokens_scored",
+              "baseline_stride")
+    combined = {key: value for key, value in first.items() if key not in unused}
     combined["runs"] = [runs[method] for method in order if method in runs]
     combined["ruler"] = dict(first["ruler"], lengths=sorted({n for part in parts for n in part["ruler"]["lengths"]}),
                              tasks=[task for task in TASKS if task in tasks])
@@ -162,9 +165,7 @@ def combine(args):
     combined["complete"] = all(part["complete"] for part in parts)
     combined["combined_from"] = sorted({f"{part['runs'][0]['method']}-{part['ruler']['lengths'][0]}"
                                         for part in parts})
-    out = Path(args.output) / "combined"
-    out.mkdir(exist_ok=True)
-    print(write_reports(combined, out))
+    print(write_reports(combined, Path(args.output)))
 
 
 def main():
