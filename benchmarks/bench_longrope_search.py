@@ -9,7 +9,8 @@
 context, for YaRN and the searched factors, against the unextended model with an 8k sliding window on the same
 tokens; and the same inside 8k (an 8192-token window), where the extension should cost nothing. `--passkey NAMES`
 adds passkey retrieval at L x FACTOR for those variants, depths 0.1 / 0.5 / 0.9, 3 keys each (a 16k prompt is one to
-two minutes here, so 9 per variant). `--variants` picks which of the two run. Writes
+two minutes here, so 9 per variant). `--variants` picks which run (also `dynamic_longrope_searched`: the searched
+factors past L only, on the cache-exact runtime). Writes
 OUTPUT/evaluation-xF-VARIANTS.json.
 """
 import argparse
@@ -41,11 +42,13 @@ def evaluate(factor, output, passkey, names=("yarn", "longrope_searched")):
     started = time.perf_counter()
     rows["baseline_8k_window"] = perplexity(sliding_window_nll(model, ids, SCORED, pretrained, SCORED), SCORED)
     rows["none_inside_8k"] = perplexity(nll_of_last(model, ids[-pretrained:], SCORED), SCORED)
-    variants = {"yarn": {}, "longrope_searched": dict(long_factor=searched["long_factor"],
-                                                      attention_factor=searched["attention_factor"])}
-    variants = {name: options for name, options in variants.items() if name in names}
-    for name, options in variants.items():
-        extend_context(model, "yarn" if name == "yarn" else "longrope", factor, **options)
+    found = dict(long_factor=searched["long_factor"], attention_factor=searched["attention_factor"])
+    # name: (method, options); dynamic_longrope: the searched factors past L only, the pretrained RoPE up to it
+    variants = {"yarn": ("yarn", {}), "longrope_searched": ("longrope", found),
+                "dynamic_longrope_searched": ("dynamic_longrope", found)}
+    variants = {name: variant for name, variant in variants.items() if name in names}
+    for name, (method, options) in variants.items():
+        extend_context(model, method, factor, **options)
         rows[name] = perplexity(nll_of_last(model, ids, SCORED), SCORED)
         rows[name + "_inside_8k"] = perplexity(nll_of_last(model, ids[-pretrained:], SCORED), SCORED)
         if name in passkey:
@@ -69,8 +72,9 @@ def main():
     parser.add_argument("--scored-tokens", type=int, default=None, help="search: fitness on the last N tokens only")
     parser.add_argument("--fitness", default="perplexity", choices=["perplexity", "needle"],
                         help="search: the window's perplexity, or LongRoPE2's needle-driven perplexity")
-    parser.add_argument("--passkey", default="", help="comma-separated variants: yarn, longrope_searched")
-    parser.add_argument("--variants", default="yarn,longrope_searched", help="which variants to evaluate")
+    parser.add_argument("--passkey", default="", help="comma-separated variants to run passkey for")
+    parser.add_argument("--variants", default="yarn,longrope_searched",
+                        help="which variants to evaluate: yarn, longrope_searched, dynamic_longrope_searched")
     args = parser.parse_args()
     if args.part == "search":
         from longctx_hf.search import run_search

@@ -177,7 +177,7 @@ def _finetune(args) -> int:
 def _add_finetune_parser(sub):
     ft = sub.add_parser("finetune", help="extend a model's context, then fine-tune it (accelerate; LoRA optional)")
     ft.add_argument("model", help="checkpoint folder, Hub id, or 'smollm2'")
-    ft.add_argument("--method", required=True, help="pi, ntk, dynamic_ntk, yarn or dynamic_yarn")
+    ft.add_argument("--method", required=True, help="pi, ntk, dynamic_ntk, yarn, dynamic_yarn, longrope or dynamic_longrope")
     size = ft.add_mutually_exclusive_group(required=True)
     size.add_argument("--factor", type=float, help="extension factor relative to the pretrained context")
     size.add_argument("--target-length", type=int, help="extended context in tokens")

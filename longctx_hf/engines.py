@@ -28,6 +28,7 @@ ENGINES = {
     "longrope": {VLLM: SAME, LLAMA_CPP: DIFFERENT},
     "dynamic_ntk": {VLLM: DIFFERENT, VLLM_TRANSFORMERS: DIFFERENT, LLAMA_CPP: DIFFERENT},
     "dynamic_yarn": {VLLM: REFUSES, VLLM_TRANSFORMERS: REFUSES, LLAMA_CPP: DIFFERENT},
+    "dynamic_longrope": {VLLM: REFUSES, VLLM_TRANSFORMERS: REFUSES},
     "self_extend": {VLLM: REFUSES, VLLM_TRANSFORMERS: REFUSES, LLAMA_CPP: DIFFERENT},
 }
 # Why an engine computes something else, and the setting that makes it exact where one was measured to.

@@ -106,7 +106,7 @@ def extend_context(model, method, factor=None, *, target_length=None, original_m
 def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
     """`AutoModelForCausalLM.from_pretrained`, plus longctx_hf's runtime for what the config records.
 
-    Plain transformers reloads every checkpoint except dynamic_yarn and self_extend (which need
+    Plain transformers reloads every checkpoint except dynamic_yarn, dynamic_longrope and self_extend (which need
     trust_remote_code=True there); this also makes dynamic_ntk / dynamic_yarn decode exactly with a KV cache, as
     the saved model did.
     """

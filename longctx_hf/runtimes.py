@@ -14,6 +14,7 @@ from .remote import longctx_dynamic_rope, longctx_self_extend
 RUNTIMES = {
     "dynamic": longctx_dynamic_rope,
     "dynamic_yarn": longctx_dynamic_rope,
+    "dynamic_longrope": longctx_dynamic_rope,
     "self_extend": longctx_self_extend,
 }
 CONTRACT = {"check_supported": ("model", "rotary", "base"), "activate": ("model", "base"),

@@ -503,12 +503,14 @@ def test_model_card_for_a_method_that_ships_code():
     assert '"auto_map"' in card.text and card.data.library_name == "transformers"
 
 
-def test_offline_dynamic_yarn_writes_the_in_memory_files(tmp_path):
+@pytest.mark.parametrize("method, options", [("dynamic_yarn", {"beta_fast": 64}),
+                                             ("dynamic_longrope", {"attention_factor": 1.1})])
+def test_offline_dynamic_yarn_writes_the_in_memory_files(tmp_path, method, options):
     """Methods that ship modeling code: the offline output has the in-memory path's config, auto_map and code file
     (their reload through trust_remote_code is tested on the in-memory save in test_dynamic_cache.py)."""
     source = make_source(tmp_path / "src")
-    extend_checkpoint(source, tmp_path / "offline", "dynamic_yarn", 4, beta_fast=64)
-    model = extend_context(AutoModelForCausalLM.from_pretrained(source), "dynamic_yarn", 4, beta_fast=64)
+    extend_checkpoint(source, tmp_path / "offline", method, 4, **options)
+    model = extend_context(AutoModelForCausalLM.from_pretrained(source), method, 4, **options)
     model.save_pretrained(tmp_path / "memory")
     for name in ("config.json", "longctx_dynamic_rope.py"):
         assert (tmp_path / "offline" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes(), name

@@ -23,6 +23,7 @@ TOL = 1e-4
 REPO = Path(__file__).resolve().parent.parent
 # llama/mistral: standard halves layout; gpt_neox: partial rotary (25% of head_dim); cohere: interleaved pairs
 KINDS = ["llama", "mistral", "gpt_neox", "cohere"]
+DYNAMIC = ["dynamic_ntk", "dynamic_yarn", "dynamic_longrope"]
 
 
 def extended(kind, method, seed=0):
@@ -47,7 +48,7 @@ def recompute(model, sequence, prompt_length):
     return full
 
 
-@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+@pytest.mark.parametrize("method", DYNAMIC)
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_generate_equals_recompute(kind, method):
     model = extended(kind, method)
@@ -72,7 +73,7 @@ def test_transformers_own_dynamic_ntk_is_not_cache_exact():
     assert (logits[0, ::8] - reference).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+@pytest.mark.parametrize("method", DYNAMIC)
 def test_left_padded_batch_each_row_equals_its_own_recompute(method):
     model = extended("llama", method)
     long_prompt = torch.randint(1, 128, (20,), generator=torch.Generator().manual_seed(2))
@@ -88,7 +89,7 @@ def test_left_padded_batch_each_row_equals_its_own_recompute(method):
         assert error <= TOL, (row, error)
 
 
-@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+@pytest.mark.parametrize("method", DYNAMIC)
 def test_below_pretrained_length_is_the_unextended_model(method):
     plain = tiny_model("llama", max_position_embeddings=L)
     model = extended("llama", method)
@@ -138,7 +139,29 @@ def test_dynamic_yarn_formula(d, theta, L_, s):
         assert scale == pytest.approx(want_scale, rel=1e-12) and remote_scale == pytest.approx(want_scale, rel=1e-12)
 
 
-@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+@pytest.mark.parametrize("d,theta,L_,s", [(64, 1e4, 4096, 4.0), (128, 5e5, 8192, 8.0), (16, 1e4, 32, 4.0)])
+def test_dynamic_longrope_formula(d, theta, L_, s):
+    """Plain RoPE up to L, then inv_i = 1 / (λ_i θ^(2i/d)) with the attention factor (the paper's formula), in the
+    method and in the shipped remote code."""
+    factors = [1.0 + (s - 1) * (i / (d // 2 - 1)) ** 2 for i in range(d // 2)]
+    spec = methods.build_spec(methods.get_method("dynamic_longrope"), factor=s, rope_theta=theta, rotary_dim=d,
+                              original_max_position_embeddings=L_, options={"long_factor": factors})
+    model_config = tiny_model("llama").config.__class__(
+        hidden_size=d * 4, num_attention_heads=4, max_position_embeddings=L_,
+        rope_parameters=methods.dynamic_longrope.rope_parameters(spec))
+    for n in (L_ // 2, L_, L_ + 1, int(s * L_), int(3 * s * L_)):
+        plain = [theta ** (-2 * i / d) for i in range(d // 2)]
+        want = torch.tensor(plain if n <= L_ else [f / lam for f, lam in zip(plain, factors)], dtype=torch.float64)
+        want_scale = 1.0 if n <= L_ else math.sqrt(1 + math.log(s) / math.log(L_))
+        got, scale = methods.dynamic_longrope.frequencies(spec, seq_len=n)
+        remote, remote_scale = runtime.compute_dynamic_longrope_parameters(model_config, "cpu", seq_len=n)
+        for inv in (got, remote):
+            assert inv.dtype == torch.float32
+            assert ((inv.double() - want).abs() / want).max().item() <= 1e-6
+        assert scale == pytest.approx(want_scale, rel=1e-12) and remote_scale == pytest.approx(want_scale, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", DYNAMIC)
 def test_runtime_frequencies_are_the_method_formula(method):
     model = extended("llama", method)
     state = model.model.layers[0].self_attn._longctx_dynamic_rope
@@ -240,7 +263,7 @@ print(json.dumps(results))
 
 def test_reload_in_fresh_processes(tmp_path):
     folders = {}
-    for method in ("dynamic_ntk", "dynamic_yarn"):
+    for method in DYNAMIC:
         model = extended("llama", method)
         folder = tmp_path / method
         ids = torch.randint(0, 128, (1, 3 * L), generator=torch.Generator().manual_seed(5))
@@ -260,8 +283,9 @@ def test_reload_in_fresh_processes(tmp_path):
     # dynamic_ntk in plain transformers: transformers' own dynamic NTK, exact up to L, cache-inexact past it
     assert (ntk["rope_type"], ntk["attention"]) == ("dynamic", "sdpa") and ntk["equal_below_L"]
     assert not ntk["equal"] and ntk["cache_error"] > 1e-3
-    # dynamic_yarn through its remote code, without longctx_hf: identical logits, cache-exact
-    assert yarn["attention"] == "longctx_dynamic_rope:sdpa" and yarn["equal"] and yarn["cache_error"] <= TOL
+    # dynamic_yarn and dynamic_longrope through their remote code, without longctx_hf: identical logits, cache-exact
+    for shipped in (yarn, plain[folders["dynamic_longrope"]]):
+        assert shipped["attention"] == "longctx_dynamic_rope:sdpa" and shipped["equal"] and shipped["cache_error"] <= TOL
 
     exact = run_json(LONGCTX_RELOAD, listed, cwd=tmp_path, with_longctx_hf=True)
     assert all(result["equal"] and result["attention"] == "longctx_dynamic_rope:sdpa" for result in exact.values())
@@ -281,17 +305,20 @@ def test_a_saved_dynamic_yarn_config_with_bad_values_fails_on_load(tmp_path):
 
 def _paper_frequencies(method, theta, d, n, s=4.0, L_=L):
     """Frequencies and attention scaling at length n from the papers (not the package): dynamic NTK grows the base,
-    dynamic YaRN is YaRN with s = n / L; both are plain RoPE up to L."""
+    dynamic YaRN is YaRN with s = n / L, dynamic LongRoPE switches to its factors past L; all are plain RoPE up to
+    L."""
     from test_methods import paper_inv_freq, paper_yarn
 
     if n <= L_:
         return paper_inv_freq(theta, d), 1.0
     if method == "dynamic_ntk":
         return paper_inv_freq(theta * ((s * n / L_) - (s - 1)) ** (d / (d - 2)), d), 1.0
+    if method == "dynamic_longrope":  # default factors: YaRN's frequencies at s, LongRoPE's temperature
+        return paper_yarn(theta, d, L_, s)[0], math.sqrt(1 + math.log(s) / math.log(L_))
     return paper_yarn(theta, d, L_, n / L_)
 
 
-@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+@pytest.mark.parametrize("method", DYNAMIC)
 @pytest.mark.parametrize("kind", ["llama", "gpt_neox", "cohere"])
 def test_one_layer_model_equals_an_independent_token_by_token_reference(kind, method):
     """In a one-layer model token t's logits depend only on its own query and the keys: the definition ("token t
@@ -343,7 +370,7 @@ def _blocks_model(kind, method, attention="sdpa", heads=2, kv_heads=1, dtype=tor
     return extend_context(base.to(dtype), method, 4)
 
 
-@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+@pytest.mark.parametrize("method", DYNAMIC)
 @pytest.mark.parametrize("kind, attention, heads, kv_heads", [
     ("llama", "sdpa", 2, 1), ("llama", "eager", 2, 1), ("llama", "sdpa", 4, 2), ("gpt_neox", "sdpa", 2, 2),
     ("cohere", "sdpa", 2, 1), ("cohere", "eager", 2, 1), ("gemma2", "eager", 2, 1)])
@@ -357,12 +384,13 @@ def test_prefill_in_blocks_equals_decoding_token_by_token(kind, attention, heads
     with torch.no_grad():
         prefill = model(ids).logits
     blocks = _blocks_used(model)
-    assert max(b.stop - b.start for b in blocks) > 8 and max(len(b.kept) for b in blocks) >= 3
+    terms = max(len(b.kept) for b in blocks)  # dynamic_longrope: one frequency set past L, one term
+    assert max(b.stop - b.start for b in blocks) > 8 and (terms == 1 if method == "dynamic_longrope" else terms >= 3)
     error = (prefill - _decode_token_by_token(model, ids)).abs().max().item()
     assert error <= 1e-5, error
 
 
-@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+@pytest.mark.parametrize("method", DYNAMIC)
 def test_chunked_prefill_and_the_wrapped_attention_path_equal_decoding_token_by_token(method, monkeypatch):
     """Chunks of 48 tokens with a cache (queries fewer than keys), and the same through the wrapped sdpa with the
     block's own causal mask (what a family with extra attention options takes)."""
@@ -384,7 +412,7 @@ def test_chunked_prefill_and_the_wrapped_attention_path_equal_decoding_token_by_
             assert error <= 1e-5, (plain, error)
 
 
-@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+@pytest.mark.parametrize("method", DYNAMIC)
 def test_left_padded_batch_through_the_blocks_equals_each_row_alone(method):
     """Two rows past L in one prefill (the blocks loop over rows and key heads), the second left-padded: each row's
     logits equal its own forward without padding."""
@@ -406,7 +434,7 @@ def test_left_padded_batch_through_the_blocks_equals_each_row_alone(method):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method", ["dynamic_ntk", "dynamic_yarn"])
+@pytest.mark.parametrize("method", DYNAMIC)
 def test_block_attention_is_as_close_to_exact_as_one_call_per_query(method, dtype):
     """Random queries and keys large enough for peaked attention, straight into the runtime's attention: the block
     path against float64 attention with the papers' frequencies for every query, next to one call per query in the

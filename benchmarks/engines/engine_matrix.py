@@ -47,6 +47,7 @@ CASES = {
     "longrope-x2-searched": ("longrope", 2, SEARCHED),
     "dynamic_ntk-x2": ("dynamic_ntk", 2, {}),
     "dynamic_yarn-x2": ("dynamic_yarn", 2, {}),
+    "dynamic_longrope-x2": ("dynamic_longrope", 2, SEARCHED),
     "self_extend-x2": ("self_extend", 2, {}),
 }
 
@@ -55,9 +56,9 @@ def runs_for(case, method, options):
     if method == "none":
         return [("transformers", "transformers", [], TOKENS)]
     runs = [("vllm", "vllm", [], TOKENS)]
-    if method != "dynamic_yarn":  # its exact runtime needs hours for a 12k prompt on this CPU (one call per token)
+    if method not in ("dynamic_yarn", "dynamic_longrope"):  # no engine runs them: nothing to compare against
         runs.insert(0, ("transformers", "transformers", [], TOKENS))
-    if method in ("dynamic_ntk", "dynamic_yarn", "self_extend"):
+    if method in ("dynamic_ntk", "dynamic_yarn", "dynamic_longrope", "self_extend"):
         runs.append(("vllm-transformers-backend", "vllm", ["--model-impl", "transformers"], TOKENS))
     if method == "dynamic_ntk":  # vLLM limited to the pretrained length, against transformers at that length
         runs += [("transformers-8k", "transformers", [], SHORT_TOKENS),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 
-from . import alibi, dynamic_ntk, dynamic_yarn, longrope, ntk, pi, self_extend, yarn
+from . import alibi, dynamic_longrope, dynamic_ntk, dynamic_yarn, longrope, ntk, pi, self_extend, yarn
 from .base import remote_source
 
 KINDS = ("rope", "attention_bias")
@@ -41,7 +41,7 @@ def check_method(module) -> None:
         raise TypeError(f"method module {module.__name__}: REMOTE_FILES and REMOTE_CLASS go together")
 
 
-METHODS = {module.NAME: module for module in (pi, ntk, dynamic_ntk, yarn, dynamic_yarn, longrope, self_extend, alibi)}
+METHODS = {module.NAME: module for module in (pi, ntk, dynamic_ntk, yarn, dynamic_yarn, longrope, dynamic_longrope, self_extend, alibi)}
 for _module in METHODS.values():
     check_method(_module)
 ALIASES = {alias: module.NAME for module in METHODS.values() for alias in module.ALIASES}

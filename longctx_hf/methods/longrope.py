@@ -26,7 +26,7 @@ SAVED_ATTENTION = None
 TRAINING_FREE = False
 
 
-def _factor_list(name: str, value, count: int) -> tuple:
+def factor_list(name: str, value, count: int) -> tuple:
     """`value` as a tuple of `count` finite floats >= 1, or a ValueError/TypeError naming `name`."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
         raise TypeError(f"{name} must be a list of {count} numbers (one per rotary frequency), got "
@@ -55,13 +55,14 @@ class Spec(RopeSpec):
         count = self.rotary_dim // 2
         check_number("attention_factor", self.attention_factor, greater_than=0, allow_none=True)
         long_factor = (yarn_seed(self) if self.long_factor is None
-                       else _factor_list("long_factor", self.long_factor, count))
+                       else factor_list("long_factor", self.long_factor, count))
         short_factor = (long_factor if self.short_factor is None
-                        else _factor_list("short_factor", self.short_factor, count))
+                        else factor_list("short_factor", self.short_factor, count))
         if short_factor != long_factor:
             raise ValueError("short_factor must equal long_factor: with two sets, transformers switches to the long "
                              "factors once a sequence passes the pretrained length without re-rotating the keys it "
-                             "has cached (cache-inexact), and vLLM/llama.cpp pick one set statically; give one list")
+                             "has cached (cache-inexact), and vLLM/llama.cpp pick one set statically; give one list, "
+                             "or method 'dynamic_longrope' for the pretrained RoPE below that length (cache-exact)")
         object.__setattr__(self, "long_factor", long_factor)
         object.__setattr__(self, "short_factor", short_factor)
 

@@ -56,7 +56,8 @@ RUNTIME_CONTRACTS = ("PreTrainedConfig._attn_implementation_internal", "modeling
                      "modeling_rope_utils.dynamic_rope_update / original_inv_freq",
                      "cache_utils.Cache.layers / DynamicLayer", "attention modules receive the cache")
 GUARD_ATTRIBUTE = "_longctx_guard"
-DYNAMIC_ROPE_TYPES = ("dynamic", "dynamic_yarn")
+DYNAMIC_ROPE_TYPES = ("dynamic", "dynamic_yarn", "dynamic_longrope")
+SHIPPED_ROPE_TYPES = ("dynamic_yarn", "dynamic_longrope")  # no native form: their checkpoints carry this file
 ATTENTION_PREFIX = "longctx_dynamic_rope:"
 WRAPPABLE_ATTENTION = ("sdpa", "eager")
 RUNTIME_ATTRIBUTE = "_longctx_dynamic_rope"
@@ -76,16 +77,8 @@ def compute_dynamic_yarn_parameters(config, device=None, seq_len=None, layer_typ
     """YaRN whose scale follows the current length: s = max(1, n / L) (jquesnelle/yarn, dynamic variant).
 
     Same signature and return as transformers' ROPE_INIT_FUNCTIONS entries: (inv_freq float32, attention_factor).
-    Refuses a model being built with an attention the runtime cannot wrap (e.g. vLLM's transformers backend): it
-    would never activate, and the model would run these frequencies without the runtime, i.e. something else.
     """
-    name = getattr(config, "_attn_implementation", None)
-    if name is not None and base_attention_name(name) not in WRAPPABLE_ATTENTION:
-        raise ValueError(f"this config has rope_type 'dynamic_yarn', which needs longctx's cache-exact attention "
-                         f"(wrapping {WRAPPABLE_ATTENTION}), but the model is being built with attention {name!r}, "
-                         "which would silently run something else. Load it with longctx_hf.from_pretrained(path) or "
-                         "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True), with "
-                         "attn_implementation='sdpa' or 'eager'")
+    _refuse_foreign_attention(config, "dynamic_yarn")
     config.standardize_rope_params()
     rope = config.rope_parameters
     base = float(rope["rope_theta"])
@@ -94,9 +87,8 @@ def compute_dynamic_yarn_parameters(config, device=None, seq_len=None, layer_typ
     dim = compat.rotary_dim(config)
     n = original if seq_len is None else int(seq_len)
     scale = max(1.0, n / original)
-    if scale <= 1:  # plain RoPE, computed exactly as transformers' default rope does (same float32 bits)
-        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
-        return 1.0 / (base ** exponents), 1.0
+    if scale <= 1:
+        return _pretrained_inv_freq(base, dim, device), 1.0
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
 
     def dim_for(rotations):
@@ -109,6 +101,44 @@ def compute_dynamic_yarn_parameters(config, device=None, seq_len=None, layer_typ
     ramp = ((torch.arange(dim // 2, dtype=torch.float64, device=device) - low) / (high - low)).clamp(0, 1)
     inv_freq = inv_freq / scale * ramp + inv_freq * (1 - ramp)
     return inv_freq.to(torch.float32), _yarn_mscale(scale)
+
+
+def compute_dynamic_longrope_parameters(config, device=None, seq_len=None, layer_type=None):
+    """LongRoPE's switch with pretrained short factors: plain RoPE while the length n is at most L, then
+    inv_i = 1 / (λ_i b^(2i/d)) with `long_factor` λ and the attention factor (default sqrt(1 + ln s / ln L))."""
+    _refuse_foreign_attention(config, "dynamic_longrope")
+    config.standardize_rope_params()
+    rope = config.rope_parameters
+    base = float(rope["rope_theta"])
+    original = int(rope["original_max_position_embeddings"])
+    dim = compat.rotary_dim(config)
+    n = original if seq_len is None else int(seq_len)
+    if n <= original:
+        return _pretrained_inv_freq(base, dim, device), 1.0
+    factors = torch.tensor([float(f) for f in rope["long_factor"]], dtype=torch.float64, device=device)
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)) / factors
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(float(rope["factor"])) / math.log(original))
+    return inv_freq.to(torch.float32), float(attention)
+
+
+def _pretrained_inv_freq(base, dim, device):
+    """Plain RoPE, computed exactly as transformers' default rope does (same float32 bits)."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+    return 1.0 / (base ** exponents)
+
+
+def _refuse_foreign_attention(config, rope_type):
+    """A model being built with an attention the runtime cannot wrap (e.g. vLLM's transformers backend) would never
+    activate it, and would run these frequencies without the runtime, i.e. something else: refuse."""
+    name = getattr(config, "_attn_implementation", None)
+    if name is not None and base_attention_name(name) not in WRAPPABLE_ATTENTION:
+        raise ValueError(f"this config has rope_type {rope_type!r}, which needs longctx's cache-exact attention "
+                         f"(wrapping {WRAPPABLE_ATTENTION}), but the model is being built with attention {name!r}, "
+                         "which would silently run something else. Load it with longctx_hf.from_pretrained(path) or "
+                         "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True), with "
+                         "attn_implementation='sdpa' or 'eager'")
 
 
 def rotate(states, cos, sin, interleaved, fused=False, out=None):
@@ -317,22 +347,41 @@ _dispatching_attention = dispatch_to_runtime(
     "or set attn_implementation='sdpa'")
 
 
-def _validate_dynamic_yarn_rope_parameters(config, rope_parameters, ignore_keys=None):
-    """transformers' config validation hook for this rope type (a config with bad values fails on load)."""
+def _check_rope_numbers(rope_parameters, rope_type, keys):
+    """A config with bad values fails on load, naming the key (transformers' validation hooks call this)."""
     original = rope_parameters.get("original_max_position_embeddings")
     if isinstance(original, bool) or not isinstance(original, int) or original < 1:
         raise ValueError("rope_parameters['original_max_position_embeddings'] must be a positive int for rope_type "
-                         f"'dynamic_yarn', got {original!r}")
-    for key in ("factor", "beta_fast", "beta_slow"):
+                         f"{rope_type!r}, got {original!r}")
+    for key in keys:
         value = rope_parameters.get(key, 1.0)
+        if value is None and key == "attention_factor":
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"rope_parameters[{key!r}] must be a positive number for rope_type 'dynamic_yarn', "
+            raise ValueError(f"rope_parameters[{key!r}] must be a positive number for rope_type {rope_type!r}, "
                              f"got {value!r}")
 
 
+def _validate_dynamic_yarn_rope_parameters(config, rope_parameters, ignore_keys=None):
+    _check_rope_numbers(rope_parameters, "dynamic_yarn", ("factor", "beta_fast", "beta_slow"))
+
+
+def _validate_dynamic_longrope_rope_parameters(config, rope_parameters, ignore_keys=None):
+    _check_rope_numbers(rope_parameters, "dynamic_longrope", ("factor", "attention_factor"))
+    factors = rope_parameters.get("long_factor")
+    if (not isinstance(factors, list) or not factors
+            or not all(not isinstance(f, bool) and isinstance(f, (int, float)) and math.isfinite(f) and f >= 1
+                       for f in factors)):
+        raise ValueError("rope_parameters['long_factor'] must be a list of numbers >= 1 (one per rotary frequency) "
+                         f"for rope_type 'dynamic_longrope', got {factors!r}")
+
+
 def register():
-    """Make rope_type 'dynamic_yarn' loadable and register the wrapped attention + mask functions (idempotent)."""
+    """Make rope_types 'dynamic_yarn' and 'dynamic_longrope' loadable and register the wrapped attention + mask
+    functions (idempotent)."""
     compat.register_rope_type("dynamic_yarn", compute_dynamic_yarn_parameters, _validate_dynamic_yarn_rope_parameters)
+    compat.register_rope_type("dynamic_longrope", compute_dynamic_longrope_parameters,
+                              _validate_dynamic_longrope_rope_parameters)
     for base in WRAPPABLE_ATTENTION:
         compat.register_attention(ATTENTION_PREFIX + base, _dispatching_attention, ALL_MASK_ATTENTION_FUNCTIONS[base])
 
@@ -400,7 +449,7 @@ def _base_implementation(config_or_name) -> str:
 
 
 def activate(model, base=None):
-    """Install the cache-exact runtime on a model whose config has rope_type 'dynamic' or 'dynamic_yarn'.
+    """Install the cache-exact runtime on a model whose config has a rope_type of DYNAMIC_ROPE_TYPES.
     `base`: the attention implementation to wrap (default: what the config names)."""
     register()
     rotaries = _rotary_modules(model)
@@ -422,7 +471,7 @@ def activate(model, base=None):
         setattr(module, RUNTIME_ATTRIBUTE, runtime)
     compat.set_attention_implementation(config, ATTENTION_PREFIX + base)
     guard_attention(modules, "cache-exact dynamic RoPE", lambda name: (name or "").startswith(ATTENTION_PREFIX))
-    if rope_type == "dynamic_yarn":
+    if rope_type in SHIPPED_ROPE_TYPES:
         save_remote_code_with(model, remote_files())
     return model
 
