@@ -1,5 +1,5 @@
 """Every RoPE method on a small random LLaMA: extend, inspect, save, reload with plain transformers
-(dynamic_ntk / dynamic_yarn / self_extend through longctx_hf.from_pretrained, which installs their runtime: exact
+(dynamic_ntk / dynamic_yarn / dynamic_longrope / self_extend through longctx_hf.from_pretrained, which installs their runtime: exact
 with a KV cache).
 
     python examples/all_methods.py           # a few seconds, no download

@@ -107,7 +107,7 @@ def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
     """`AutoModelForCausalLM.from_pretrained`, plus longctx_hf's runtime for what the config records.
 
     Plain transformers reloads every checkpoint except dynamic_yarn, dynamic_longrope and self_extend (which need
-    trust_remote_code=True there); this also makes dynamic_ntk / dynamic_yarn decode exactly with a KV cache, as
+    trust_remote_code=True there); this also makes the dynamic methods decode exactly with a KV cache, as
     the saved model did.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -170,7 +170,7 @@ def _extend_with_attention_bias(model, module, rotaries, config, factor, target_
     hf_config.apply_to_config(config, changes)
     for rotary in rotaries:
         _install(rotary, fresh, rotary.inv_freq.device)
-    runtimes.deactivate_all(model)  # replacing a dynamic_ntk / dynamic_yarn / self_extend extension
+    runtimes.deactivate_all(model)  # replacing an extension that runs a runtime
     attention.install(model, attn_name, methods.remote_code_files(module))
     return model
 

@@ -150,11 +150,20 @@ def run_search(model, *, factor, output_dir, text_file=None, budget=None, minute
     path = resolve_model(model)
     if text_file is not None:
         text, text_name = Path(text_file).read_text(encoding="utf-8", errors="replace"), str(text_file)
-        check_not_the_evaluation_text(text, default_text(min_chars=10**9), default_text_name())
     else:
         text, text_name = calibration_text(), CALIBRATION_TEXT_NAME
     tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    encoded = tokenizer(text, return_offsets_mapping=tokenizer.is_fast)
+    ids = torch.tensor(encoded.input_ids)
+    if text_file is not None:  # the search scores the text's last windows only: those must not be evaluation text
+        from transformers import AutoConfig
+
+        from .patch import context_info
+
+        scored = documents * math.ceil(context_info(AutoConfig.from_pretrained(path)).pretrained_length * factor)
+        start = (encoded.offset_mapping[-min(scored, len(ids))][0] if tokenizer.is_fast
+                 else max(0, len(text) - len(text) * scored // max(len(ids), 1)))
+        check_not_the_evaluation_text(text[start:], default_text(min_chars=10**9), default_text_name())
     loaded = from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     result = search_rope_factors(loaded, ids, factor=factor, output_dir=output_dir, budget=budget, minutes=minutes,
                                  seed=seed, population=population, documents=documents,
@@ -177,7 +186,7 @@ def run_search(model, *, factor, output_dir, text_file=None, budget=None, minute
 
 def check_not_the_evaluation_text(text: str, evaluation: str, evaluation_name: str, probes=32, width=256) -> None:
     """A ValueError when a quarter or more of `probes` evenly spaced `width`-character slices of the calibration
-    text occur verbatim in the evaluation text: factors searched on the tokens they are then scored on would
+    text (the part the search scores) occur verbatim in the evaluation text: factors searched on the tokens they are then scored on would
     overstate their quality. (The default calibration text shares none of 32 with the default evaluation text.)"""
     step = max(1, (len(text) - width) // probes)
     slices = [text[i * step:i * step + width] for i in range(probes)]

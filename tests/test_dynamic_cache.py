@@ -145,14 +145,15 @@ def test_dynamic_longrope_formula(d, theta, L_, s):
     method and in the shipped remote code."""
     factors = [1.0 + (s - 1) * (i / (d // 2 - 1)) ** 2 for i in range(d // 2)]
     spec = methods.build_spec(methods.get_method("dynamic_longrope"), factor=s, rope_theta=theta, rotary_dim=d,
-                              original_max_position_embeddings=L_, options={"long_factor": factors})
+                              original_max_position_embeddings=L_,
+                              options={"long_factor": factors, "attention_factor": 1.07})
     model_config = tiny_model("llama").config.__class__(
         hidden_size=d * 4, num_attention_heads=4, max_position_embeddings=L_,
         rope_parameters=methods.dynamic_longrope.rope_parameters(spec))
     for n in (L_ // 2, L_, L_ + 1, int(s * L_), int(3 * s * L_)):
         plain = [theta ** (-2 * i / d) for i in range(d // 2)]
         want = torch.tensor(plain if n <= L_ else [f / lam for f, lam in zip(plain, factors)], dtype=torch.float64)
-        want_scale = 1.0 if n <= L_ else math.sqrt(1 + math.log(s) / math.log(L_))
+        want_scale = 1.0 if n <= L_ else 1.07  # a searched temperature, past L only
         got, scale = methods.dynamic_longrope.frequencies(spec, seq_len=n)
         remote, remote_scale = runtime.compute_dynamic_longrope_parameters(model_config, "cpu", seq_len=n)
         for inv in (got, remote):
@@ -289,6 +290,22 @@ def test_reload_in_fresh_processes(tmp_path):
 
     exact = run_json(LONGCTX_RELOAD, listed, cwd=tmp_path, with_longctx_hf=True)
     assert all(result["equal"] and result["attention"] == "longctx_dynamic_rope:sdpa" for result in exact.values())
+
+
+@pytest.mark.parametrize("key, value, match", [("long_factor", [1.0, 2.0], "must be a list of 8 numbers"),
+                                               ("long_factor", [1.0] * 7 + [0.5], "must be a list of 8 numbers"),
+                                               ("attention_factor", -1, r"'attention_factor'\] must be a positive")])
+def test_a_saved_dynamic_longrope_config_with_bad_values_fails_on_load(tmp_path, key, value, match):
+    from transformers import AutoConfig
+
+    extend_context(tiny_model("llama", max_position_embeddings=L), "dynamic_longrope", 4,
+                   attention_factor=1.1).save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters["attention_factor"] == 1.1  # valid as saved
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"][key] = config["rope_scaling"][key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match=match):
+        AutoConfig.from_pretrained(tmp_path)
 
 
 def test_a_saved_dynamic_yarn_config_with_bad_values_fails_on_load(tmp_path):

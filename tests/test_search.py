@@ -248,3 +248,7 @@ def test_cli_search_writes_factors_and_a_checkpoint_that_says_how_they_were_foun
               "--output", str(tmp_path / "y"))
     assert bad.returncode == 2 and "--text overlaps the evaluation text" in bad.stderr
     assert not (tmp_path / "y").exists()
+    held_out.write_text(text.read_text() * 4 + default_text(min_chars=20_000))  # only the scored tail is evaluation
+    bad = cli("search", str(tiny_folder), "--factor", "2", "--budget", "3", "--text", str(held_out),
+              "--output", str(tmp_path / "y"))
+    assert bad.returncode == 2 and "--text overlaps the evaluation text" in bad.stderr

@@ -28,8 +28,8 @@ SHORT_TOKENS = 8000  # inside the pretrained length
 PRETRAINED = 8192
 # Mean |delta log-prob| per token at or below which an engine computes the same model as transformers (fp32).
 # Measured noise: vLLM ~1e-5; llama.cpp ~1e-3 with its default f16 KV cache (2e-5 with an f32 one, checked on
-# 2000 tokens of yarn x2). A checkpoint an engine reads differently measured 0.09 and more (a dropped longrope
-# temperature, docs/engines.md; 0.2 and more in the matrix).
+# 2000 tokens of yarn x2). A checkpoint an engine reads differently measured 0.09 and more (the smallest: a
+# dropped longrope temperature, docs/engines.md).
 SAME = 1e-2
 
 # The factors and temperature the needle-driven search found for SmolLM2 x2 (what `search` writes to factors.json)

@@ -368,12 +368,17 @@ def _validate_dynamic_yarn_rope_parameters(config, rope_parameters, ignore_keys=
 
 def _validate_dynamic_longrope_rope_parameters(config, rope_parameters, ignore_keys=None):
     _check_rope_numbers(rope_parameters, "dynamic_longrope", ("factor", "attention_factor"))
+    if rope_parameters.get("factor") is None or rope_parameters["original_max_position_embeddings"] < 2:
+        raise ValueError("rope_type 'dynamic_longrope' needs rope_parameters['factor'] and an "
+                         "original_max_position_embeddings of at least 2 (its default attention factor uses both)")
     factors = rope_parameters.get("long_factor")
-    if (not isinstance(factors, list) or not factors
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    count = int(head_dim * rope_parameters.get("partial_rotary_factor", 1.0)) // 2
+    if (not isinstance(factors, list) or len(factors) != count
             or not all(not isinstance(f, bool) and isinstance(f, (int, float)) and math.isfinite(f) and f >= 1
                        for f in factors)):
-        raise ValueError("rope_parameters['long_factor'] must be a list of numbers >= 1 (one per rotary frequency) "
-                         f"for rope_type 'dynamic_longrope', got {factors!r}")
+        raise ValueError(f"rope_parameters['long_factor'] must be a list of {count} numbers >= 1 (one per rotary "
+                         f"frequency) for rope_type 'dynamic_longrope', got {factors!r}")
 
 
 def register():
