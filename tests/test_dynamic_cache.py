@@ -125,18 +125,26 @@ def reference_dynamic_yarn(theta, d, L, n, beta_fast=32.0, beta_slow=1.0):
 def test_dynamic_yarn_formula(d, theta, L_, s):
     spec = methods.build_spec(methods.get_method("dynamic_yarn"), factor=s, rope_theta=theta, rotary_dim=d,
                               original_max_position_embeddings=L_, options={"beta_fast": 32, "beta_slow": 1})
-    model_config = tiny_model("llama").config.__class__(
-        hidden_size=d * 4, num_attention_heads=4, max_position_embeddings=L_,
-        rope_parameters=methods.dynamic_yarn.rope_parameters(spec))
     for n in (L_ // 2, L_, L_ + 1, int(1.5 * L_), int(s * L_), int(3 * s * L_)):
         want, want_scale = reference_dynamic_yarn(theta, d, L_, n)
-        want = torch.tensor(want, dtype=torch.float64)
-        got, scale = methods.dynamic_yarn.frequencies(spec, seq_len=n)
-        remote, remote_scale = runtime.compute_dynamic_yarn_parameters(model_config, "cpu", seq_len=n)
-        for inv in (got, remote):
-            assert inv.dtype == torch.float32
-            assert ((inv.double() - want).abs() / want).max().item() <= 1e-6
-        assert scale == pytest.approx(want_scale, rel=1e-12) and remote_scale == pytest.approx(want_scale, rel=1e-12)
+        _assert_method_and_shipped_code_give("dynamic_yarn", spec, n, want, want_scale)
+
+
+def _assert_method_and_shipped_code_give(method, spec, n, want, want_scale):
+    """The method's frequencies at length n and those of the rope function checkpoints ship, against `want`."""
+    d, L_ = spec.rotary_dim, spec.original_max_position_embeddings
+    module = methods.get_method(method)
+    model_config = tiny_model("llama").config.__class__(hidden_size=d * 4, num_attention_heads=4,
+                                                        max_position_embeddings=L_,
+                                                        rope_parameters=module.rope_parameters(spec))
+    shipped = getattr(runtime, f"compute_{method}_parameters")
+    want = torch.tensor(want, dtype=torch.float64)
+    got, scale = module.frequencies(spec, seq_len=n)
+    remote, remote_scale = shipped(model_config, "cpu", seq_len=n)
+    for inv in (got, remote):
+        assert inv.dtype == torch.float32
+        assert ((inv.double() - want).abs() / want).max().item() <= 1e-6
+    assert scale == pytest.approx(want_scale, rel=1e-12) and remote_scale == pytest.approx(want_scale, rel=1e-12)
 
 
 @pytest.mark.parametrize("d,theta,L_,s", [(64, 1e4, 4096, 4.0), (128, 5e5, 8192, 8.0), (16, 1e4, 32, 4.0)])
@@ -147,19 +155,11 @@ def test_dynamic_longrope_formula(d, theta, L_, s):
     spec = methods.build_spec(methods.get_method("dynamic_longrope"), factor=s, rope_theta=theta, rotary_dim=d,
                               original_max_position_embeddings=L_,
                               options={"long_factor": factors, "attention_factor": 1.07})
-    model_config = tiny_model("llama").config.__class__(
-        hidden_size=d * 4, num_attention_heads=4, max_position_embeddings=L_,
-        rope_parameters=methods.dynamic_longrope.rope_parameters(spec))
     for n in (L_ // 2, L_, L_ + 1, int(s * L_), int(3 * s * L_)):
         plain = [theta ** (-2 * i / d) for i in range(d // 2)]
-        want = torch.tensor(plain if n <= L_ else [f / lam for f, lam in zip(plain, factors)], dtype=torch.float64)
+        want = plain if n <= L_ else [f / lam for f, lam in zip(plain, factors)]
         want_scale = 1.0 if n <= L_ else 1.07  # a searched temperature, past L only
-        got, scale = methods.dynamic_longrope.frequencies(spec, seq_len=n)
-        remote, remote_scale = runtime.compute_dynamic_longrope_parameters(model_config, "cpu", seq_len=n)
-        for inv in (got, remote):
-            assert inv.dtype == torch.float32
-            assert ((inv.double() - want).abs() / want).max().item() <= 1e-6
-        assert scale == pytest.approx(want_scale, rel=1e-12) and remote_scale == pytest.approx(want_scale, rel=1e-12)
+        _assert_method_and_shipped_code_give("dynamic_longrope", spec, n, want, want_scale)
 
 
 @pytest.mark.parametrize("method", DYNAMIC)

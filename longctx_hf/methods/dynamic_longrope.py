@@ -10,7 +10,6 @@ exactly; engines without the runtime refuse the checkpoint instead of switching 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from . import dynamic_yarn, longrope
@@ -45,22 +44,16 @@ class Spec(RopeSpec):
 
 
 def attention_scaling(spec: Spec) -> float:
-    """The temperature past L (1 up to L)."""
-    if spec.attention_factor is not None:
-        return float(spec.attention_factor)
-    return math.sqrt(1 + math.log(spec.factor) / math.log(spec.original_max_position_embeddings))
+    """The temperature past L (1 up to L): longrope's."""
+    return longrope.attention_scaling(spec)
 
 
 def frequencies(spec: Spec, seq_len: int | None = None, device=None):
-    """(inv_freq, attention scaling) at current length `seq_len`: pretrained RoPE up to L (and for None),
-    inv_i = 1 / (λ_i b^(2i/d)) with the attention factor past it."""
+    """(inv_freq, attention scaling) at current length `seq_len`: pretrained RoPE up to L (and for None), longrope's
+    inv_i = 1 / (λ_i b^(2i/d)) with its attention factor past it."""
     if seq_len is None or seq_len <= spec.original_max_position_embeddings:
         return rope_inv_freq(spec.rope_theta, spec.rotary_dim, device), 1.0
-    import torch
-
-    factors = torch.tensor(spec.long_factor, dtype=torch.float64, device=device)
-    inv = rope_inv_freq(spec.rope_theta, spec.rotary_dim, device).to(torch.float64) / factors
-    return inv.to(torch.float32), attention_scaling(spec)
+    return longrope.frequencies(spec, device=device)
 
 
 def rope_parameters(spec: Spec) -> dict:

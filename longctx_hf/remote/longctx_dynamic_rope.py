@@ -372,8 +372,7 @@ def _validate_dynamic_longrope_rope_parameters(config, rope_parameters, ignore_k
         raise ValueError("rope_type 'dynamic_longrope' needs rope_parameters['factor'] and an "
                          "original_max_position_embeddings of at least 2 (its default attention factor uses both)")
     factors = rope_parameters.get("long_factor")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    count = int(head_dim * rope_parameters.get("partial_rotary_factor", 1.0)) // 2
+    count = compat.rotary_dim(config) // 2
     if (not isinstance(factors, list) or len(factors) != count
             or not all(not isinstance(f, bool) and isinstance(f, (int, float)) and math.isfinite(f) and f >= 1
                        for f in factors)):
